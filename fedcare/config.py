@@ -1,0 +1,228 @@
+"""The run configuration: one typed tree with dotted keys, validated once.
+
+``RunConfig`` is the single source of defaults. The Flower app's
+``[tool.flwr.app.config]`` mirrors ``RunConfig().to_flat()`` (a test keeps them in
+step); ``--set key=value`` on the command line and Flower's run config use the same
+dotted names (``lora.r``, ``train.local_steps``...). The whole tree is stored with
+each run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dirichlet_alpha: float = 1.0   # label skew across virtual sites (smaller = more skewed)
+    max_train_per_site: int = 0    # 0 = all; small values keep tests and demos fast
+    max_test_per_site: int = 0
+    test_fraction: float = 0.2     # for tasks that re-split their corpus
+    path: str = ""                 # a site's own data folder (deployment); "" = bundled copy
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 100         # optimiser steps per round at each site
+    batch_size: int = 4
+    lr: float = 1e-3
+    optimizer: str = "adam"        # adam | sgd | adamw
+    eval_batch_size: int = 64
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str = "query,value"   # comma-separated module names
+    aggregation: str = "naive"            # naive | ffa | exact
+    personalize: str = ""                 # "" | head | lora_B : part each site keeps local
+
+
+@dataclass
+class DPConfig:
+    level: str = "none"            # none | sample (DP-SGD at each site) | client (server-side)
+    epsilon: float = 0.0           # target epsilon for this run (0 = use noise_multiplier)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0     # per-sample clipping norm (sample) / update clip (client)
+    noise_multiplier: float = 0.0  # used when epsilon is 0
+    accountant: str = "prv"        # prv | rdp
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    proximal_mu: float = 0.01      # fedprox
+    eta: float = 0.01              # server learning rate: fedadam, fedyogi
+    q: float = 0.1                 # qfedavg
+    trim_beta: float = 0.2         # trimmedavg
+    krum_f: int = 1                # krum: number of malicious sites tolerated
+    min_sites: int = 2             # a round needs at least this many accepted updates
+    round_timeout: float = 1800.0  # seconds to wait for replies in a round
+    screen_norm_factor: float = 0.0  # reject updates with norm > factor x round median (0 = off)
+
+
+@dataclass
+class SiteConfig:
+    budget: float = 0.0            # simulation: every virtual site's epsilon cap (0 = none)
+    min_group_size: int = 5        # fairness: smaller groups are suppressed
+    ledger_dir: str = ""           # simulation: folder of the virtual sites' ledgers
+
+
+@dataclass
+class RuntimeConfig:
+    """Set by the fedcare CLI for one Flower run; not part of the stored experiment."""
+
+    run_id: str = ""
+    db: str = ""
+    start_round: int = 1
+
+
+@dataclass
+class RunConfig:
+    task: str = "heart-disease"
+    rounds: int = 3
+    sites: int = 4
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # ----------------------------------------------------------------- flat keys
+    def to_flat(self, include_runtime: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                if f.name == "runtime" and not include_runtime:
+                    continue
+                for sub in fields(value):
+                    out[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                out[f.name] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The experiment as a nested dict (runtime excluded): what a run stores."""
+        d = dataclasses.asdict(self)
+        d.pop("runtime")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def keys(cls) -> dict[str, type]:
+        return {k: type(v) for k, v in cls().to_flat().items()}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], strict: bool = True) -> "RunConfig":
+        cfg = cls()
+        cfg.update(flat, strict=strict)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, nested: Mapping[str, Any]) -> "RunConfig":
+        flat: dict[str, Any] = {}
+        for k, v in nested.items():
+            if isinstance(v, Mapping):
+                flat.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+            else:
+                flat[k] = v
+        return cls.from_flat(flat)
+
+    def update(self, flat: Mapping[str, Any], strict: bool = True) -> "RunConfig":
+        known = self.keys()
+        for key, raw in flat.items():
+            if key not in known:
+                if strict:
+                    close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+                    hint = f" (did you mean {close[0]}?)" if close else ""
+                    raise ConfigError(
+                        f"unknown setting '{key}'{hint}; `fedcare config keys` lists them"
+                    )
+                continue
+            value = _coerce(key, raw, known[key])
+            section, _, name = key.partition(".")
+            if name:
+                setattr(getattr(self, section), name, value)
+            else:
+                setattr(self, section, value)
+        return self
+
+    def apply_sets(self, assignments: list[str]) -> "RunConfig":
+        """Apply ``key=value`` strings from ``--set``."""
+        flat = {}
+        for item in assignments:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set expects key=value, got '{item}'")
+            flat[key.strip()] = value.strip()
+        return self.update(flat)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "RunConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.rounds >= 1, "rounds must be at least 1")
+        need(self.sites >= 1, "sites must be at least 1")
+        need(self.train.local_steps >= 1, "train.local_steps must be at least 1")
+        need(self.train.batch_size >= 1, "train.batch_size must be at least 1")
+        need(self.train.lr > 0, "train.lr must be positive")
+        need(self.train.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
+        need(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive")
+        need(0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)")
+        need(self.lora.r >= 1, "lora.r must be at least 1")
+        need(self.lora.aggregation in ("naive", "ffa", "exact"), "lora.aggregation must be naive, ffa or exact")
+        need(self.lora.personalize in ("", "head", "lora_B"), "lora.personalize must be '', head or lora_B")
+        dp = self.dp
+        if dp.level == "none" and (dp.epsilon > 0 or dp.noise_multiplier > 0):
+            dp.level = "sample"  # asking for an epsilon or a noise level means DP is on
+        need(dp.level in ("none", "sample", "client"), "dp.level must be none, sample or client")
+        need(dp.accountant in ("prv", "rdp"), "dp.accountant must be prv or rdp")
+        if dp.level != "none":
+            need(dp.max_grad_norm > 0, "dp.max_grad_norm (clipping norm) must be > 0")
+            need(0 < dp.delta < 1, "dp.delta must be in (0, 1)")
+            need(dp.epsilon >= 0 and dp.noise_multiplier >= 0, "dp.epsilon and dp.noise_multiplier must be >= 0")
+            need(dp.epsilon > 0 or dp.noise_multiplier > 0,
+                 "DP is on: set dp.epsilon (a target) or dp.noise_multiplier")
+        need(self.strategy.min_sites >= 1, "strategy.min_sites must be at least 1")
+        need(self.strategy.round_timeout > 0, "strategy.round_timeout must be positive")
+        need(self.site.budget >= 0, "site.budget must be >= 0")
+        return self
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp.level != "none"
+
+
+def _coerce(key: str, raw: Any, typ: type) -> Any:
+    try:
+        if typ is bool:
+            if isinstance(raw, str):
+                if raw.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if raw.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            return bool(raw)
+        if typ is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(float(raw)) if isinstance(raw, str) and "." in raw else int(raw)
+        if typ is float:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting '{key}' expects {typ.__name__}, got '{raw}'") from None

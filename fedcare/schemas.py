@@ -1,0 +1,89 @@
+"""Shapes that cross a boundary, defined once: message record keys, metric names,
+and the records the server writes to the store.
+
+Client, server, store, report and dashboard import these; none re-declares them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# --- Flower message record keys -------------------------------------------------
+ARRAYS = "arrays"        # ArrayRecord: trainable state (global down, update up)
+CONFIG = "config"        # ConfigRecord: server -> site instructions
+METRICS = "metrics"      # MetricRecord: site -> server numbers
+SITE = "site"            # ConfigRecord: site -> server: site id, status, reason, JSON blobs
+
+# --- keys inside METRICS (train and evaluate replies) ---------------------------
+NUM_EXAMPLES = "num-examples"   # Flower's default weighting key
+TRAIN_LOSS = "train_loss"
+DURATION_S = "duration_s"
+UPDATE_BYTES = "update_bytes"
+
+# --- keys inside SITE -------------------------------------------------------------
+SITE_ID = "site_id"
+STATUS = "status"               # ok | refused | error
+REASON = "reason"
+PRIVACY_JSON = "privacy_json"   # PrivacySpend as JSON (DP runs)
+FAIRNESS_JSON = "fairness_json"  # per-group counts as JSON (evaluate replies)
+LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
+
+# --- site-round statuses in the store ----------------------------------------------
+ACCEPTED = "accepted"    # update aggregated
+REJECTED = "rejected"    # update failed validation/screening at the server
+REFUSED = "refused"      # the site declined (budget, policy) before training
+FAILED = "failed"        # the site errored or did not reply in time
+
+# --- run statuses ------------------------------------------------------------------
+RUN_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+
+# --- privacy record keys (report "privacy" object per site) -------------------------
+PRIVACY_KEYS = ("epsilon", "run_epsilon", "delta", "budget", "accountant",
+                "noise_multiplier", "sample_rate", "steps")
+
+
+@dataclass
+class SiteRound:
+    """What the server learned from one site in one round."""
+
+    site: str
+    status: str                      # ACCEPTED | REJECTED | REFUSED | FAILED
+    reason: str = ""
+    node_id: int | None = None
+    num_examples: int = 0
+    train_loss: float | None = None
+    update_bytes: int = 0
+    duration_s: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None   # PRIVACY_KEYS, lifetime and this run
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == ACCEPTED
+
+
+@dataclass
+class Evaluation:
+    """Metrics on test data: scope is "global" (weighted over sites) or a site id;
+    kind is "federated" (the global model) or "local" (a personalised model)."""
+
+    scope: str
+    metrics: dict[str, float]
+    num_examples: int = 0
+    kind: str = "federated"
+
+
+@dataclass
+class RoundRecord:
+    """Everything the server writes for one round, in one transaction."""
+
+    round: int
+    started_at: float                # unix seconds
+    ended_at: float
+    metrics: dict[str, float]        # aggregated train metrics (and aggregation diagnostics)
+    sites: list[SiteRound]
+    evaluations: list[Evaluation]
+    global_state: dict[str, np.ndarray] | None
+    fairness: dict[str, Any] | None = None

@@ -1,0 +1,79 @@
+"""The task contract: what every workload (dataset + model + loss + metrics) provides.
+
+Adding a task is one new module in ``models/`` that subclasses ``Task`` and registers
+itself in ``models/registry.py``. Nothing in ``server/``, ``client/`` or ``dashboard/``
+knows a task by name.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedcare.config import RunConfig
+
+
+@dataclass
+class SiteSplit:
+    """One site's data. ``groups`` holds the sensitive attribute of every *test* example
+    (attribute -> array of group labels as strings, aligned with ``test``). It is used
+    only inside the site to compute per-group counts; it never leaves the site."""
+
+    site_id: str
+    train: Dataset
+    test: Dataset
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Task(ABC):
+    #: registry name, e.g. "heart-disease"
+    name: ClassVar[str]
+    #: sensitive attributes available per test example (may be empty)
+    sensitive_attributes: ClassVar[tuple[str, ...]] = ()
+    num_classes: ClassVar[int]
+    #: dotted config keys this task sets differently from RunConfig's defaults
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: natural number of sites (None: any number of virtual sites, ``cfg.sites``)
+    fixed_sites: ClassVar[int | None] = None
+    #: whether the model is a base model + LoRA adapter (False: all parameters train)
+    uses_lora: ClassVar[bool] = True
+    #: name of the primary metric (for convergence plots and "rounds to X")
+    primary_metric: ClassVar[str] = "accuracy"
+
+    def site_ids(self, cfg: RunConfig) -> list[str]:
+        n = self.fixed_sites or cfg.sites
+        return [f"site-{i}" for i in range(n)]
+
+    @abstractmethod
+    def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        """Train/test split of one site. ``cfg.data.path`` (if set) is the site's own
+        data folder; raise ``DataError`` naming the file when it is unusable."""
+
+    def load_pooled(self, cfg: RunConfig) -> tuple[Dataset, Dataset]:
+        """All sites' train and test data together (the centralised baseline)."""
+        from torch.utils.data import ConcatDataset
+
+        splits = [self.load_site(s, cfg) for s in self.site_ids(cfg)]
+        return ConcatDataset([s.train for s in splits]), ConcatDataset([s.test for s in splits])
+
+    @abstractmethod
+    def build_model(self, cfg: RunConfig) -> torch.nn.Module:
+        """Base model with adapter attached; exactly the parameters that train have
+        ``requires_grad=True``. Returned on the CPU in train mode; the caller moves it."""
+
+    @abstractmethod
+    def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean loss of one batch (tensors already on the model's device)."""
+
+    @abstractmethod
+    def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, labels) for one batch: scores are class probabilities [N, C]."""
+
+    def metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        from .metrics import classification_metrics
+
+        return classification_metrics(scores, labels)

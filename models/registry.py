@@ -1,0 +1,24 @@
+"""Task registry: name -> Task class. A new task adds one line here."""
+from __future__ import annotations
+
+import importlib
+
+from fedcare.errors import ConfigError
+
+from .base import Task
+
+_TASKS = {
+    "heart-disease": "fedcare.models.heart_disease:HeartDiseaseTask",
+    "medical-abstracts": "fedcare.models.medical_abstracts:MedicalAbstractsTask",
+}
+
+
+def task_names() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        raise ConfigError(f"unknown task '{name}'; choose one of: {', '.join(task_names())}")
+    module, _, cls = _TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()

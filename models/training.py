@@ -1,0 +1,116 @@
+"""The local training and evaluation loops, shared by every task.
+
+The optimiser and data loader come from outside, so the same loop runs plain or under
+DP-SGD (``client/privacy.py`` hands in Opacus' private optimiser and Poisson loader).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedcare.config import RunConfig
+
+from .base import Task
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr)
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.train.lr)
+    return torch.optim.Adam(params, lr=cfg.train.lr)
+
+
+def make_train_loader(ds: Dataset, cfg: RunConfig, seed: int) -> DataLoader:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, generator=g, drop_last=False)
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:  # empty Poisson epochs are possible under DP; keep sampling
+            continue
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    train_loss: float
+    steps: int
+    duration_s: float
+
+
+def train_steps(
+    task: Task,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    steps: int,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    after_first_step: Callable[[], None] | None = None,
+) -> TrainResult:
+    """Run ``steps`` optimiser steps, cycling over ``loader``. With ``proximal_mu`` > 0
+    adds FedProx's (mu/2)||w - w_global||^2 on the trainable parameters."""
+    model.train()
+    anchors = None
+    if proximal_mu > 0:
+        anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    it = _cycle(loader)
+    for step in range(steps):
+        batch = next(it)
+        batch = tuple(t.to(device) for t in batch)
+        if batch[0].shape[0] == 0:
+            # Poisson sampling drew an empty batch: still a step for the accountant
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss = task.batch_loss(model, batch)
+        if anchors is not None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step == 0 and after_first_step is not None:
+            after_first_step()
+    return TrainResult(
+        num_examples=len(loader.dataset),
+        train_loss=float(np.mean(losses)) if losses else float("nan"),
+        steps=steps,
+        duration_s=time.perf_counter() - t0,
+    )
+
+
+@torch.no_grad()
+def predict_dataset(task: Task, model: torch.nn.Module, ds: Dataset, cfg: RunConfig,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [N, C], labels [N]) over a whole dataset, in dataset order."""
+    model.eval()
+    scores, labels = [], []
+    for batch in DataLoader(ds, batch_size=cfg.train.eval_batch_size, shuffle=False):
+        s, y = task.predict(model, tuple(t.to(device) for t in batch))
+        scores.append(s)
+        labels.append(y)
+    model.train()
+    if not scores:
+        return np.zeros((0, task.num_classes)), np.zeros((0,), dtype=int)
+    return np.concatenate(scores), np.concatenate(labels)
