@@ -1,0 +1,173 @@
+"""fedcare's ClientApp: decode the message, run the site's work, encode the reply.
+
+Only the trainable tensors (LoRA adapter + head, or a small model's parameters) and
+aggregate numbers ever leave the site. A refusal (privacy budget, site policy) is a
+normal reply with status "refused" and the reason, so the server records it and the
+round goes on with the other sites.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedcare import __version__, schemas as S
+from fedcare.errors import FedcareError
+from fedcare.models.state import get_trainable_state, set_trainable_state, state_nbytes
+from fedcare.models.training import predict_dataset
+from fedcare.records import from_array_record, to_array_record
+
+from .site import Site
+
+log = logging.getLogger("fedcare.client")
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    rnd = int(msg.content[S.CONFIG].get("server-round", 0))
+    run_id = site.cfg.runtime.run_id
+    policy = _policy(site)
+    try:
+        split = site.split()
+        if policy is not None:
+            policy.check(site.cfg, app_identity(), len(split.train))
+        model = site.model()
+        _load_global(site, model, msg, context)
+        from .ledger import SiteLedger
+        from .training import train_on_site
+
+        ledger = SiteLedger(site.ledger_path) if site.ledger_path else None
+        outcome = train_on_site(
+            site.task, model, split, site.cfg, site.device,
+            run_id=run_id, server_round=rnd, ledger=ledger,
+            budget=_budget(site, policy), dataset_id=site.dataset_id,
+        )
+    except FedcareError as err:
+        _audit(site, policy, rnd, "train", "", 0, None, "refused", str(err))
+        return _refusal(msg, site, str(err))
+
+    state = get_trainable_state(model)
+    shared = _shared_part(site, state, context)
+    metrics = MetricRecord({
+        S.NUM_EXAMPLES: outcome.result.num_examples,
+        S.TRAIN_LOSS: outcome.result.train_loss,
+        S.DURATION_S: outcome.result.duration_s,
+        S.UPDATE_BYTES: state_nbytes(shared),
+    })
+    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: ""}
+    if outcome.privacy is not None:
+        info[S.PRIVACY_JSON] = json.dumps(outcome.privacy)
+    if site.lora_rank:
+        info["lora_rank"] = site.lora_rank
+    arrays = to_array_record(shared)
+    _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
+    return Message(RecordDict({S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = Site.from_context(context)
+    rnd = int(msg.content[S.CONFIG].get("server-round", 0))
+    split = site.split()
+    model = site.model()
+    from fedcare.models.fairness import site_counts
+
+    _load_global(site, model, msg, context, personal=False)
+    scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
+    metrics = site.task.metrics(scores, labels)
+    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: ""}
+    fairness = site_counts(scores, labels, split.groups, site.cfg.site.min_group_size, site.site_id)
+    info[S.FAIRNESS_JSON] = json.dumps(fairness)
+    if site.cfg.lora.personalize and _personal_state(context):
+        _load_global(site, model, msg, context, personal=True)
+        ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
+        info[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
+    payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
+    _audit(site, _policy(site), rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
+    content = RecordDict({
+        S.METRICS: MetricRecord({S.NUM_EXAMPLES: len(labels), **metrics}),
+        S.SITE: ConfigRecord(info),
+    })
+    return Message(content, reply_to=msg)
+
+
+# ----------------------------------------------------------------------------- helpers
+def app_identity() -> dict[str, str]:
+    """What a site policy can allow-list: the fedcare release that runs here."""
+    return {"fedcare_version": __version__}
+
+
+def _policy(site: Site):
+    if not site.policy_path:
+        return None
+    from .policy import load_policy
+
+    return load_policy(site.policy_path)
+
+
+def _budget(site: Site, policy) -> float:
+    caps = [c for c in (site.cfg.site.budget, getattr(policy, "epsilon_cap", 0.0) or 0.0) if c > 0]
+    return min(caps) if caps else 0.0
+
+
+def _personal_keys(site: Site, state) -> set[str]:
+    if not site.cfg.lora.personalize:
+        return set()
+    from fedcare.strategies.personal import split_personal
+
+    _, personal = split_personal(state, site.cfg.lora.personalize)
+    return set(personal)
+
+
+def _personal_state(context: Context):
+    rec = context.state.get("personal")
+    return from_array_record(rec) if rec is not None else None
+
+
+def _shared_part(site: Site, state, context: Context):
+    personal = _personal_keys(site, state)
+    if personal:
+        context.state["personal"] = to_array_record({k: state[k] for k in personal})
+    return {k: v for k, v in state.items() if k not in personal}
+
+
+def _load_global(site: Site, model, msg: Message, context: Context, personal: bool = True) -> None:
+    """Global shared state from the server; the site's own personal part on top."""
+    state = dict(from_array_record(msg.content[S.ARRAYS]))
+    if personal:
+        local = _personal_state(context)
+        if local:
+            state.update(local)
+    set_trainable_state(model, state, strict=False)
+
+
+def _digest(state) -> str:
+    """sha256 over the names and bytes of the tensors that leave the site."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def _audit(site: Site, policy, rnd: int, kind: str, sha256: str, nbytes: int, privacy,
+           decision: str, reason: str) -> None:
+    if site.audit_path is None:
+        return
+    from .audit import AuditLog
+
+    AuditLog(site.audit_path).append(
+        site.cfg.runtime.run_id, rnd, kind,
+        payload_sha256=sha256, nbytes=nbytes, epsilon=(privacy or {}).get("epsilon"),
+        policy_fingerprint=getattr(policy, "fingerprint", ""), decision=decision, reason=reason,
+    )
+
+
+def _refusal(msg: Message, site: Site, reason: str) -> Message:
+    info = ConfigRecord({S.SITE_ID: site.site_id, S.STATUS: "refused", S.REASON: reason})
+    return Message(RecordDict({S.SITE: info}), reply_to=msg)

@@ -1,0 +1,128 @@
+"""Who this site is and what it keeps between messages.
+
+A site is resolved from Flower's node config: in deployment the SuperNode is started
+with ``site-id``, ``data-path``, ``ledger``, ``policy``, ``audit`` (and optionally
+``lora-rank``, ``dataset-id``); in simulation Flower gives ``partition-id`` and the
+virtual site is the task's site list at that index, with its ledger in
+``site.ledger_dir``. The base model, the data split and the ledger are loaded once per
+process and reused across rounds and runs (keyed by what determines them).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
+from fedcare.models.base import SiteSplit, Task
+from fedcare.models.registry import get_task
+from fedcare.models.training import pick_device
+
+
+@dataclass
+class Site:
+    site_id: str
+    cfg: RunConfig
+    task: Task
+    node_config: dict[str, Any]
+
+    # ------------------------------------------------------------ resolution
+    @classmethod
+    def from_context(cls, context: Context) -> "Site":
+        cfg = RunConfig.from_flat(context.run_config, strict=False)
+        nc = dict(context.node_config)
+        if nc.get("data-path"):
+            cfg.data.path = str(nc["data-path"])
+        cfg.validate()
+        task = get_task(cfg.task)
+        if "site-id" in nc:
+            site_id = str(nc["site-id"])
+        elif "partition-id" in nc:
+            ids = task.site_ids(cfg)
+            pid = int(nc["partition-id"])
+            if pid >= len(ids):
+                raise ConfigError(f"partition {pid} has no site: task {task.name} has {len(ids)} sites")
+            site_id = ids[pid]
+        else:
+            raise ConfigError("node config needs 'site-id' (deployment) or 'partition-id' (simulation)")
+        return cls(site_id=site_id, cfg=cfg, task=task, node_config=nc)
+
+    # ------------------------------------------------------------- paths
+    @property
+    def ledger_path(self) -> Path | None:
+        if self.node_config.get("ledger"):
+            return Path(str(self.node_config["ledger"]))
+        if self.cfg.site.ledger_dir:
+            from .ledger import ledger_path_for
+
+            return Path(ledger_path_for(self.cfg.site.ledger_dir, self.site_id))
+        return None
+
+    @property
+    def audit_path(self) -> Path | None:
+        if self.node_config.get("audit"):
+            return Path(str(self.node_config["audit"]))
+        ledger = self.ledger_path
+        return ledger.with_name(f"{self.site_id}.audit.jsonl") if ledger else None
+
+    @property
+    def policy_path(self) -> str | None:
+        return str(self.node_config["policy"]) if self.node_config.get("policy") else None
+
+    @property
+    def dataset_id(self) -> str:
+        """The account the privacy ledger charges: the same records, the same account,
+        whatever the run. Bundled data: task + site; a site's own data: its path."""
+        if self.node_config.get("dataset-id"):
+            return str(self.node_config["dataset-id"])
+        if self.cfg.data.path:
+            return f"{self.task.name}:{Path(self.cfg.data.path).resolve()}"
+        return f"{self.task.name}:{self.site_id}"
+
+    @property
+    def lora_rank(self) -> int | None:
+        return int(self.node_config["lora-rank"]) if self.node_config.get("lora-rank") else None
+
+    # ------------------------------------------------------------- cached parts
+    def split(self) -> SiteSplit:
+        return _split(self.task.name, self.site_id, _data_key(self.cfg))
+
+    def model(self) -> torch.nn.Module:
+        return _model(self.task.name, _model_key(self.cfg, self.lora_rank))
+
+    @property
+    def device(self) -> torch.device:
+        return pick_device()
+
+
+def _data_key(cfg: RunConfig) -> str:
+    return json.dumps({"data": cfg.to_dict()["data"], "sites": cfg.sites, "seed": cfg.seed}, sort_keys=True)
+
+
+def _model_key(cfg: RunConfig, rank: int | None) -> str:
+    d = cfg.to_dict()
+    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _split(task_name: str, site_id: str, data_key: str) -> SiteSplit:
+    cfg = RunConfig.from_dict(json.loads(data_key) | {"task": task_name})
+    return get_task(task_name).load_site(site_id, cfg)
+
+
+@functools.lru_cache(maxsize=2)
+def _model(task_name: str, model_key: str) -> torch.nn.Module:
+    key = json.loads(model_key)
+    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"]})
+    if key["rank"]:
+        cfg.lora.r = key["rank"]
+    model = get_task(task_name).build_model(cfg)
+    # Device first, adapter already attached by the task: Opacus must see the
+    # parameters where they will train (opacus#820).
+    return model.to(pick_device()).train()

@@ -1,0 +1,179 @@
+"""The `fedcare` command line. User errors print one line and exit with code 2."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import FedcareError
+
+app = typer.Typer(help="fedcare: federated LoRA fine-tuning for hospitals, under differential privacy.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+config_app = typer.Typer(help="Inspect the run configuration keys.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+DB_HELP = "SQLAlchemy URL of the store (default: $FEDCARE_DB or sqlite:///fedcare.db)"
+SET_HELP = "Override a setting: --set key=value (dotted keys, e.g. lora.r=16, train.local_steps=50, dp.epsilon=3); `fedcare config keys` lists them"
+
+
+def _db(db: Optional[str]) -> str:
+    from .server.store import default_db_url
+
+    return db or default_db_url()
+
+
+@app.command()
+def simulate(
+    task: str = typer.Option("heart-disease", help="Task name (fedcare config tasks)"),
+    sites: Optional[int] = typer.Option(None, help="Number of virtual hospitals (tasks with natural sites fix it)"),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds"),
+    strategy: Optional[str] = typer.Option(None, help="Aggregation strategy (fedcare config strategies)"),
+    seed: Optional[int] = typer.Option(None, help="Seed for splits, initial weights and sampling"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    ledger_dir: Optional[Path] = typer.Option(None, help="Keep the virtual sites' privacy ledgers here; a second run on the same folder continues their accounts (default: a fresh temporary folder)"),
+    quiet: bool = typer.Option(False, help="No progress display"),
+) -> None:
+    """Run a Flower simulation of TASK with virtual hospitals on this machine."""
+    from .flower import flwr_run, simulation_superlink, workdir_for
+    from .launch import default_ledger_dir, follow, register_run, resolve_config
+
+    cfg = resolve_config(task, set_, sites=sites, rounds=rounds, seed=seed,
+                         **({"strategy.name": strategy} if strategy else {}))
+    db_url = _db(db)
+    store, run_id = register_run(cfg, db_url)
+    cfg.site.ledger_dir = str(ledger_dir.resolve()) if ledger_dir else (cfg.site.ledger_dir or default_ledger_dir(run_id))
+    typer.echo(f"run {run_id}: {cfg.task}, {cfg.sites} sites, {cfg.rounds} rounds, {cfg.strategy.name}, DP {cfg.dp.level}")
+    work = workdir_for(run_id)
+    try:
+        with simulation_superlink(cfg.sites, work) as (_, env):
+            proc = flwr_run(cfg, env, "fedcare", work / "flwr-run.log")
+            try:
+                status = follow(store, run_id, cfg, proc, work / "flwr-run.log", quiet=quiet)
+            finally:
+                from .flower import stop
+
+                stop(proc)
+    except KeyboardInterrupt:
+        store.set_status(run_id, "interrupted", "stopped by the user")
+        raise
+    run = store.get_run(run_id)
+    store.close()
+    if status != "completed":
+        typer.echo(f"run {run_id} {status}: {run.get('message') or ''}\nFlower log: {work / 'flwr-run.log'}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"run {run_id} completed: {run.get('rounds_done', cfg.rounds)} rounds stored in {db_url}")
+    typer.echo(f"privacy ledgers: {cfg.site.ledger_dir}")
+    typer.echo(f"report:    fedcare report {run_id} --db {db_url} --json")
+    typer.echo(f"dashboard: fedcare dashboard --db {db_url}   (then open http://127.0.0.1:8501)")
+
+
+@app.command()
+def runs(db: Optional[str] = typer.Option(None, help=DB_HELP),
+         as_json: bool = typer.Option(False, "--json", help="JSON list")) -> None:
+    """List the runs in the store."""
+    from .server.store import Store
+
+    store = Store(_db(db))
+    rows = store.list_runs()
+    store.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("run", "task", "strategy", "status", "rounds", "sites", "DP", "started")
+    for r in rows:
+        table.add_row(r["run_id"], r["task"], r["strategy"], r["status"],
+                      f"{r.get('rounds_done', '')}/{r.get('rounds_planned', '')}", str(r.get("sites", "")),
+                      str(r.get("dp", "")), _time(r.get("started_at")))
+    Console().print(table)
+
+
+@app.command()
+def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
+           db: Optional[str] = typer.Option(None, help=DB_HELP),
+           as_json: bool = typer.Option(False, "--json", help="The whole run as one JSON document")) -> None:
+    """Report one run: configuration, every round, final metrics, privacy, fairness."""
+    from .server.report import build_report
+    from .server.store import Store
+
+    store = Store(_db(db))
+    rep = build_report(store, run_id)
+    store.close()
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    typer.echo(f"{rep['run_id']}  {rep['task']}  {rep['strategy']}  {rep['status']}  rounds={len(rep['rounds'])}")
+    for site, m in sorted(rep.get("final", {}).get("per_site", {}).items()):
+        typer.echo(f"  {site:<14} " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if isinstance(v, float)))
+    for site, p in sorted(rep.get("privacy", {}).items()):
+        typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget')}")
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """Every --set key with its default and type."""
+    from .config import RunConfig
+
+    for key, value in RunConfig().to_flat(include_runtime=False).items():
+        typer.echo(f"{key:<32} {type(value).__name__:<6} {value!r}")
+
+
+@config_app.command("tasks")
+def config_tasks() -> None:
+    """The tasks fedcare can run."""
+    from .models.registry import task_names
+
+    typer.echo("\n".join(task_names()))
+
+
+@config_app.command("strategies")
+def config_strategies() -> None:
+    """The aggregation strategies by name."""
+    from .strategies.registry import strategy_names
+
+    typer.echo("\n".join(strategy_names()))
+
+
+def _time(ts) -> str:
+    if ts is None:
+        return ""
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if isinstance(ts, (int, float)) else str(ts)
+
+
+def _mount_subcommands() -> None:
+    """Sub-commands owned by the site, coordinator, certificate and dashboard modules."""
+    import importlib
+
+    for module, attr, name in (("fedcare.client.cli", "site_app", "site"),
+                               ("fedcare.server.cli", "server_app", "server"),
+                               ("fedcare.certs", "certs_app", "certs")):
+        try:
+            app.add_typer(getattr(importlib.import_module(module), attr), name=name)
+        except ModuleNotFoundError as err:  # pragma: no cover - only while a part is missing
+            if err.name != module:
+                raise
+    try:
+        from .dashboard.cli import dashboard_command
+        app.command("dashboard")(dashboard_command)
+    except ModuleNotFoundError as err:  # pragma: no cover
+        if err.name != "fedcare.dashboard.cli":
+            raise
+
+
+_mount_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except FedcareError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)

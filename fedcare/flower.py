@@ -1,0 +1,143 @@
+"""Running fedcare as a real Flower app: a SuperLink process we own, then `flwr run`.
+
+``fedcare simulate`` starts its own simulation-mode SuperLink on free loopback ports
+(runtime dependency installation off, so nothing is downloaded), submits the app with
+``flwr run``, waits for it, and always stops the SuperLink again: nothing is left
+running after the command returns.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import tomli_w
+
+from .config import RunConfig
+from .errors import FedcareError
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def app_dir() -> Path:
+    if not (APP_DIR / "pyproject.toml").exists():
+        raise FedcareError(f"fedcare's Flower app (pyproject.toml) is not at {APP_DIR}; install fedcare from a checkout")
+    return APP_DIR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def run_config_args(cfg: RunConfig) -> list[str]:
+    """The resolved configuration as `flwr run --run-config` TOML pairs."""
+    pairs = []
+    for key, value in cfg.to_flat().items():
+        pairs.append(f"{key}={tomli_w.dumps({'v': value}).split('=', 1)[1].strip()}")
+    return ["--run-config", " ".join(pairs)]
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def simulation_superlink(num_sites: int, workdir: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A simulation-mode SuperLink for one run; yields (FLWR_HOME, env)."""
+    flwr_home = workdir / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    control, http, fleet, health = (free_port() for _ in range(4))
+    env = flwr_env(flwr_home)
+    cpus = os.cpu_count() or 2
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+        "default": "fedcare",
+        "fedcare": {
+            "address": f"127.0.0.1:{control}",
+            "insecure": True,
+            "options": {
+                "num-supernodes": num_sites,
+                "backend": {"client-resources": {"num-cpus": 1, "num-gpus": 0.0},
+                            "init-args": {"num-cpus": cpus, "num-gpus": 0}},
+            },
+        },
+    }}))
+    log = open(workdir / "superlink.log", "w")
+    cmd = [shutil.which("flower-superlink") or "flower-superlink", "--insecure", "--simulation",
+           "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+           "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
+           "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
+           "--database", ":flwr-in-memory:"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port(control, proc, workdir / "superlink.log")
+        yield flwr_home, env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen, logfile: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise FedcareError(f"flower-superlink exited with code {proc.returncode}; see {logfile}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise FedcareError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {logfile}")
+
+
+def flwr_run(cfg: RunConfig, env: dict[str, str], connection: str, log_path: Path,
+             echo: bool = False) -> subprocess.Popen:
+    """Submit the app and stream its logs to ``log_path`` (and stdout with ``echo``)."""
+    cmd = [shutil.which("flwr") or "flwr", "run", str(app_dir()), connection, "--stream",
+           *run_config_args(cfg)]
+    out = open(log_path, "w")
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(app_dir()))
+
+
+def workdir_for(run_id: str) -> Path:
+    base = Path(os.environ.get("FEDCARE_WORKDIR", tempfile.gettempdir())) / "fedcare-runs" / run_id
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def stop(proc: subprocess.Popen) -> None:
+    _stop(proc)
+
+
+__all__ = ["simulation_superlink", "flwr_run", "workdir_for", "stop", "free_port", "app_dir", "sys"]

@@ -1,0 +1,106 @@
+"""Launching a run: resolve and validate the configuration, register the run in the
+store, submit the Flower app, and follow its rounds in the store until it ends.
+
+Shared by ``fedcare simulate`` (own simulation SuperLink) and ``fedcare server run`` /
+``resume`` (a deployed SuperLink)."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .config import RunConfig
+from .errors import ConfigError, FedcareError
+
+console = Console(stderr=True)
+
+
+def resolve_config(task: str, sets: list[str], **explicit) -> RunConfig:
+    """defaults < the task's defaults < explicit options < --set, then validated."""
+    from .models.registry import get_task
+    from .strategies.registry import strategy_names
+
+    cfg = RunConfig(task=task)
+    t = get_task(task)
+    cfg.update(t.defaults)
+    cfg.update({k: v for k, v in explicit.items() if v is not None})
+    cfg.apply_sets(sets)
+    if t.fixed_sites is not None:
+        if explicit.get("sites") not in (None, t.fixed_sites):
+            raise ConfigError(f"task {task} has {t.fixed_sites} natural sites; drop --sites or set it to {t.fixed_sites}")
+        cfg.sites = t.fixed_sites
+    if cfg.strategy.name not in strategy_names():
+        raise ConfigError(f"unknown strategy '{cfg.strategy.name}'; choose one of: {', '.join(strategy_names())}")
+    if cfg.strategy.min_sites > cfg.sites:
+        cfg.strategy.min_sites = cfg.sites
+    return cfg.validate()
+
+
+def register_run(cfg: RunConfig, db: str):
+    """Open the store (fails before anything starts if it cannot) and create the run."""
+    from .server.store import Store
+
+    store = Store(db)
+    run_id = store.create_run(cfg.task, cfg.strategy.name, cfg.to_dict(), __version__)
+    store.add_event(run_id, "created", f"{cfg.task} / {cfg.strategy.name} / {cfg.rounds} rounds / {cfg.sites} sites")
+    cfg.runtime.run_id, cfg.runtime.db = run_id, db
+    return store, run_id
+
+
+def default_ledger_dir(run_id: str) -> str:
+    return tempfile.mkdtemp(prefix=f"fedcare-ledgers-{run_id}-")
+
+
+def follow(store, run_id: str, cfg: RunConfig, proc, log_path: Path, quiet: bool = False,
+           poll: float = 1.0, on_tick: Callable[[], None] | None = None) -> str:
+    """Show per-round progress from the store while ``proc`` (flwr run) lives; return
+    the run's final status ("completed", "failed"...)."""
+    last = store.last_round(run_id)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=quiet) as bar:
+        job = bar.add_task(run_id, total=cfg.rounds, completed=last, info="starting Flower...")
+        while True:
+            done = store.last_round(run_id)
+            if done != last:
+                last = done
+                bar.update(job, completed=done, info=_round_info(store, run_id))
+            status = store.get_run(run_id)["status"]
+            if proc.poll() is not None or status in ("completed", "failed"):
+                break
+            if on_tick:
+                on_tick()
+            time.sleep(poll)
+        # let the ServerApp's last write land
+        for _ in range(20):
+            status = store.get_run(run_id)["status"]
+            if status in ("completed", "failed") or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        bar.update(job, completed=store.last_round(run_id), info=_round_info(store, run_id))
+    status = store.get_run(run_id)["status"]
+    if status not in ("completed", "failed"):
+        code = proc.poll()
+        msg = f"Flower run ended (exit {code}) before the run completed; log: {log_path}"
+        store.set_status(run_id, "failed", msg)
+        store.add_event(run_id, "failed", msg)
+        status = "failed"
+    return status
+
+
+def _round_info(store, run_id: str) -> str:
+    from .server.report import build_report
+
+    try:
+        rounds = build_report(store, run_id)["rounds"]
+    except FedcareError:
+        return ""
+    if not rounds:
+        return ""
+    ev = rounds[-1].get("metrics", {}).get("eval", {})
+    acc = ev.get("accuracy")
+    return f"accuracy {acc:.3f}" if isinstance(acc, (int, float)) else ""

@@ -1,0 +1,210 @@
+"""The round loop: configure, send, screen, aggregate, evaluate, store.
+
+Every round is written to the store in one transaction after it completes, so a crash
+loses at most the round in flight, and ``fedcare server resume`` continues from the
+last committed round with the stored global state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedcare import __version__, schemas as S
+from fedcare.config import RunConfig
+from fedcare.models.registry import get_task
+from fedcare.models.state import get_trainable_state
+from fedcare.records import from_array_record, to_array_record
+
+log = logging.getLogger("fedcare.server")
+
+
+def initial_state(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The global trainable state before round 1: the task's model built with the run's
+    seed, exactly as every site builds it."""
+    return get_trainable_state(get_task(cfg.task).build_model(cfg))
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> str:
+    from .store import Store, default_db_url
+
+    store = Store(cfg.runtime.db or default_db_url())
+    run_id = cfg.runtime.run_id or store.create_run(cfg.task, cfg.strategy.name, cfg.to_dict(), __version__)
+    try:
+        Federation(grid, cfg, store, run_id).run()
+    except BaseException as err:
+        store.set_status(run_id, "failed", f"{type(err).__name__}: {err}")
+        store.add_event(run_id, "failed", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        store.close()
+    return run_id
+
+
+class Federation:
+    def __init__(self, grid: Grid, cfg: RunConfig, store, run_id: str) -> None:
+        from fedcare.strategies.registry import build_strategy
+
+        self.grid, self.cfg, self.store, self.run_id = grid, cfg, store, run_id
+        self.task = get_task(cfg.task)
+        self.strategy = build_strategy(cfg, self.task)
+        if cfg.dp.level == "client":
+            from fedcare.strategies.client_dp import wrap_client_dp
+
+            self.strategy = wrap_client_dp(self.strategy, cfg, len(self.task.site_ids(cfg)))
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        cfg, store = self.cfg, self.store
+        start = store.last_round(self.run_id) + 1
+        if start > 1:
+            state = store.load_global_state(self.run_id)
+            store.add_event(self.run_id, "resumed", f"resuming at round {start} of {cfg.rounds}")
+        else:
+            state = initial_state(cfg)
+            store.add_event(self.run_id, "started", f"{cfg.rounds} rounds of {cfg.strategy.name} on {cfg.task}")
+        store.set_status(self.run_id, "running")
+        self.expected = {k: (v.shape, str(v.dtype)) for k, v in self._shared(state).items()}
+        for rnd in range(start, cfg.rounds + 1):
+            state = self.round(rnd, state)
+        store.set_status(self.run_id, "completed")
+        store.add_event(self.run_id, "completed", f"{cfg.rounds} rounds")
+
+    def round(self, rnd: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.time()
+        self._wait_for_sites()
+        cfg = self.cfg
+        timeout = cfg.strategy.round_timeout
+        shared = self._shared(state)
+        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord(), self.grid))
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        sites, accepted_msgs = self._screen(msgs, replies, shared)
+        metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs))}
+        if len(accepted_msgs) >= cfg.strategy.min_sites:
+            arrays, agg_metrics = self.strategy.aggregate_train(rnd, accepted_msgs)
+            if arrays is not None:
+                state = {**state, **from_array_record(arrays)}
+            metrics.update({f"train_{k}": float(v) for k, v in (agg_metrics or {}).items()
+                            if isinstance(v, (int, float))})
+            metrics.update({k: float(v) for k, v in getattr(self.strategy, "last_diagnostics", {}).items()})
+            metrics["aggregated"] = 1.0
+        else:
+            metrics["aggregated"] = 0.0
+            self.store.add_event(self.run_id, "round_skipped",
+                                 f"round {rnd}: {len(accepted_msgs)} accepted updates < strategy.min_sites={cfg.strategy.min_sites}; global model unchanged")
+        evaluations, fairness = self._evaluate(rnd, state)
+        record = S.RoundRecord(round=rnd, started_at=t0, ended_at=time.time(), metrics=metrics, sites=sites,
+                               evaluations=evaluations, global_state=state, fairness=fairness)
+        self.store.write_round(self.run_id, record)
+        for s in sites:
+            if s.status == S.REFUSED:
+                self.store.add_event(self.run_id, "site_refused", f"round {rnd}: {s.site} refused: {s.reason}")
+        log.info("round %d/%d stored: %s", rnd, cfg.rounds, {k: round(v, 4) for k, v in metrics.items()})
+        return state
+
+    # -------------------------------------------------------------- helpers
+    def _shared(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.cfg.lora.personalize:
+            return state
+        from fedcare.strategies.personal import split_personal
+
+        shared, _ = split_personal(state, self.cfg.lora.personalize)
+        return {k: state[k] for k in shared}
+
+    def _wait_for_sites(self) -> None:
+        need = self.cfg.strategy.min_sites
+        deadline = time.time() + self.cfg.strategy.round_timeout
+        while len(list(self.grid.get_node_ids())) < need:
+            if time.time() > deadline:
+                raise TimeoutError(f"fewer than strategy.min_sites={need} sites connected")
+            time.sleep(1.0)
+
+    def _screen(self, sent: list[Message], replies: list[Message], shared: dict[str, np.ndarray]):
+        """Per-site outcome of a training round; only accepted replies are aggregated."""
+        from fedcare.strategies.screening import screen_updates
+
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        sites: list[S.SiteRound] = []
+        candidates: list[tuple[str, dict, int]] = []
+        msg_of: dict[str, Message] = {}
+        for m in sent:
+            node = m.metadata.dst_node_id
+            reply = by_node.get(node)
+            if reply is None:
+                sites.append(S.SiteRound(site=f"node-{node}", node_id=node, status=S.FAILED,
+                                         reason=f"no reply within {self.cfg.strategy.round_timeout:.0f} s"))
+                continue
+            if reply.has_error():
+                sites.append(S.SiteRound(site=f"node-{node}", node_id=node, status=S.FAILED,
+                                         reason=f"site error: {reply.error.reason}"))
+                continue
+            info = reply.content.config_records.get(S.SITE, ConfigRecord())
+            site_id = str(info.get(S.SITE_ID, f"node-{node}"))
+            if info.get(S.STATUS) == "refused":
+                sites.append(S.SiteRound(site=site_id, node_id=node, status=S.REFUSED, reason=str(info.get(S.REASON))))
+                continue
+            metrics = reply.content.metric_records.get(S.METRICS, {})
+            privacy = json.loads(info[S.PRIVACY_JSON]) if S.PRIVACY_JSON in info else None
+            row = S.SiteRound(
+                site=site_id, node_id=node, status=S.ACCEPTED,
+                num_examples=int(metrics.get(S.NUM_EXAMPLES, 0)),
+                train_loss=_f(metrics.get(S.TRAIN_LOSS)), update_bytes=int(metrics.get(S.UPDATE_BYTES, 0)),
+                duration_s=_f(metrics.get(S.DURATION_S)), privacy=privacy,
+                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            )
+            arrays = reply.content.array_records.get(S.ARRAYS)
+            update = from_array_record(arrays) if arrays is not None else {}
+            candidates.append((site_id, update, row.num_examples))
+            msg_of[site_id] = reply
+            sites.append(row)
+        expected = {k: (v.shape, str(v.dtype)) for k, v in shared.items()}
+        accepted, rejected = screen_updates(expected, candidates, self.cfg.strategy.screen_norm_factor,
+                                            global_state=shared)
+        for row in sites:
+            if row.site in rejected:
+                row.status, row.reason = S.REJECTED, rejected[row.site]
+        return sites, [msg_of[s] for s in accepted]
+
+    def _evaluate(self, rnd: int, state: dict[str, np.ndarray]):
+        from fedcare.models.fairness import aggregate
+
+        msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)), ConfigRecord(), self.grid))
+        replies = [r for r in self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout)
+                   if not r.has_error()]
+        evaluations: list[S.Evaluation] = []
+        counts: dict[str, dict] = {}
+        totals: dict[str, float] = {}
+        n_total = 0
+        for r in replies:
+            info = r.content.config_records.get(S.SITE, ConfigRecord())
+            site_id = str(info.get(S.SITE_ID))
+            m = {k: float(v) for k, v in r.content.metric_records[S.METRICS].items() if isinstance(v, (int, float))}
+            n = int(m.pop(S.NUM_EXAMPLES, 0))
+            evaluations.append(S.Evaluation(scope=site_id, metrics=m, num_examples=n))
+            if S.LOCAL_METRICS_JSON in info:
+                evaluations.append(S.Evaluation(scope=site_id, metrics=json.loads(info[S.LOCAL_METRICS_JSON]),
+                                                num_examples=n, kind="local"))
+            if S.FAIRNESS_JSON in info:
+                counts[site_id] = json.loads(info[S.FAIRNESS_JSON])
+            n_total += n
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * n
+        if n_total:
+            glob = {k: v / n_total for k, v in totals.items()}
+            per_site_acc = [e.metrics.get("accuracy") for e in evaluations if e.kind == "federated"]
+            per_site_acc = [a for a in per_site_acc if a is not None]
+            if per_site_acc:
+                glob["mean_site_accuracy"] = float(np.mean(per_site_acc))
+                glob["worst_site_accuracy"] = float(np.min(per_site_acc))
+            evaluations.insert(0, S.Evaluation(scope="global", metrics=glob, num_examples=n_total))
+        fairness = aggregate(counts) if counts else None
+        return evaluations, fairness
+
+
+def _f(v) -> float | None:
+    return None if v is None else float(v)
