@@ -1,0 +1,3 @@
+from fedcare.server.migrations import _main
+
+_main()

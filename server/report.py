@@ -1,0 +1,142 @@
+"""The run report (``fedcare report RUN_ID --json``) and the run listing.
+
+``build_report(store, run_id)`` returns one JSON-serialisable dict (no numpy types;
+NaN/inf are null). Its keys are a contract; add keys, never rename them::
+
+    run_id, task, strategy, status, config, code_version,
+    created_at, started_at, ended_at (unix seconds, UTC), message,
+    rounds_planned, rounds_done, sites, dp,
+    rounds: [ {
+        round, started_at, ended_at, duration_s, num_sites, num_accepted, state_sha256,
+        metrics: {<aggregated train metrics, flat, as the strategy reported them>,
+                  "eval": {<"global" federated evaluation metrics of this round; {} if none>},
+                  "eval_local": {<"global" local (personalised) evaluation metrics; {} if none>}},
+        sites: [ {site, node_id, num_examples, train_loss, update_bytes, duration_s,
+                  accepted (bool), status (accepted|rejected|refused|failed), reason,
+                  metrics, privacy (the dict the site sent, or null)} ],
+        evaluations: [ {scope ("global" | site id), kind ("federated" | "local"),
+                        num_examples, metrics} ],
+        fairness: {<the fairness JSON the server stored for this round; {} if none>} } ],
+    final: {round (of the latest round with a federated evaluation; null if none),
+            metrics: {<global federated metrics of that round>},
+            per_site: {site: {<federated metrics of the global model on that site's test split>}},
+            local_metrics: {<global metrics of the personalised models>} ({} if none),
+            local_per_site: {site: {<metrics of that site's personalised model>}} ({} if none)},
+    privacy: {site: {epsilon, run_epsilon, delta, budget, accountant, noise_multiplier,
+                     sample_rate, steps}}  ({} without DP)
+        from the latest round in which that site reported privacy; ``steps`` is the
+        DP-SGD steps the site took in this run: the sum of its per-round "round_steps"
+        when the site reports them, else its latest "steps",
+    fairness: {<latest non-empty round fairness JSON, as stored>} ({} if none),
+    events: [ {time, kind, message, data} ]
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from fedcare.schemas import PRIVACY_KEYS
+
+from .store import Store, clean_json
+
+GLOBAL = "global"
+FEDERATED = "federated"
+LOCAL = "local"
+
+
+def build_report(store: Store, run_id: str) -> dict:
+    run = store.get_run(run_id)            # StoreError for an unknown id
+    rounds = store.rounds(run_id)
+    site_rounds = store.site_rounds(run_id)
+    evaluations = store.evaluations(run_id)
+
+    sites_by_round: dict[int, list[dict]] = defaultdict(list)
+    for x in site_rounds:
+        sites_by_round[x["round"]].append({k: v for k, v in x.items() if k != "round"})
+    evals_by_round: dict[int, list[dict]] = defaultdict(list)
+    for e in evaluations:
+        evals_by_round[e["round"]].append({k: v for k, v in e.items() if k != "round"})
+
+    report_rounds = []
+    for r in rounds:
+        evals = evals_by_round.get(r["round"], [])
+        metrics = dict(r["metrics"])
+        metrics["eval"] = _pick(evals, GLOBAL, FEDERATED)
+        metrics["eval_local"] = _pick(evals, GLOBAL, LOCAL)
+        report_rounds.append(dict(
+            round=r["round"], started_at=r["started_at"], ended_at=r["ended_at"],
+            duration_s=_duration(r["started_at"], r["ended_at"]),
+            num_sites=r["num_sites"], num_accepted=r["num_accepted"], state_sha256=r["state_sha256"],
+            metrics=metrics, sites=sites_by_round.get(r["round"], []), evaluations=evals,
+            fairness=r["fairness"] or {},
+        ))
+
+    report = dict(
+        run_id=run["run_id"], task=run["task"], strategy=run["strategy"], status=run["status"],
+        config=run["config"], code_version=run["code_version"], created_at=run["created_at"],
+        started_at=run["started_at"], ended_at=run["ended_at"], message=run["message"],
+        rounds_planned=run["rounds_planned"], rounds_done=run["rounds_done"], sites=run["sites"],
+        dp=run["dp"], rounds=report_rounds, final=final_metrics(evaluations),
+        privacy=privacy_summary(site_rounds),
+        fairness=next((r["fairness"] for r in reversed(rounds) if r["fairness"]), {}),
+        events=store.events(run_id),
+    )
+    return clean_json(report)
+
+
+def final_metrics(evaluations: list[dict]) -> dict:
+    """The ``final`` block from evaluation rows (any order)."""
+    federated_rounds = [e["round"] for e in evaluations if e["kind"] == FEDERATED]
+    local_rounds = [e["round"] for e in evaluations if e["kind"] == LOCAL]
+    out: dict[str, Any] = dict(round=None, metrics={}, per_site={}, local_metrics={}, local_per_site={})
+    if federated_rounds:
+        last = max(federated_rounds)
+        rows = [e for e in evaluations if e["round"] == last and e["kind"] == FEDERATED]
+        out["round"] = last
+        out["metrics"] = next((e["metrics"] for e in rows if e["scope"] == GLOBAL), {})
+        out["per_site"] = {e["scope"]: e["metrics"] for e in rows if e["scope"] != GLOBAL}
+    if local_rounds:
+        last = max(local_rounds)
+        rows = [e for e in evaluations if e["round"] == last and e["kind"] == LOCAL]
+        out["local_metrics"] = next((e["metrics"] for e in rows if e["scope"] == GLOBAL), {})
+        out["local_per_site"] = {e["scope"]: e["metrics"] for e in rows if e["scope"] != GLOBAL}
+    return out
+
+
+def privacy_summary(site_rounds: list[dict]) -> dict[str, dict]:
+    """Per site: PRIVACY_KEYS from its latest round that carried privacy, with
+    ``steps`` = this run's DP-SGD steps (sum of "round_steps", else latest "steps")."""
+    latest: dict[str, dict] = {}
+    round_steps: dict[str, float] = defaultdict(float)
+    has_round_steps: set[str] = set()
+    for x in sorted(site_rounds, key=lambda x: x["round"]):
+        p = x.get("privacy")
+        if not p:
+            continue
+        latest[x["site"]] = p
+        if p.get("round_steps") is not None:
+            has_round_steps.add(x["site"])
+            round_steps[x["site"]] += float(p["round_steps"])
+    out = {}
+    for site, p in sorted(latest.items()):
+        entry = {k: p.get(k) for k in PRIVACY_KEYS}
+        if site in has_round_steps:
+            entry["steps"] = int(round_steps[site])
+        out[site] = entry
+    return out
+
+
+def list_runs(store: Store) -> list[dict]:
+    """The runs for ``fedcare runs --json``: newest first, JSON-serialisable, without
+    the config tree (``fedcare report`` has it)."""
+    keys = ("run_id", "task", "strategy", "status", "created_at", "started_at", "ended_at",
+            "rounds_done", "rounds_planned", "sites", "dp", "code_version", "message")
+    return clean_json([{k: r[k] for k in keys} for r in store.list_runs()])
+
+
+def _pick(evals: list[dict], scope: str, kind: str) -> dict:
+    return next((e["metrics"] for e in evals if e["scope"] == scope and e["kind"] == kind), {})
+
+
+def _duration(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start

@@ -1,0 +1,72 @@
+"""Shared fixtures.
+
+``db_url`` runs a test on both store back-ends: a fresh SQLite file, and a fresh
+PostgreSQL database (created per test on the server at $FEDCARE_TEST_PG, default
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``, dropped afterwards).
+If that server is unreachable the PostgreSQL cases skip with the reason, except
+under CI (env CI set and not false/0), where they fail: CI must test PostgreSQL.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+from sqlalchemy.engine import make_url
+
+PG_SERVER_URL = os.environ.get("FEDCARE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _pg_connect(dbname: str | None = None):
+    import psycopg
+
+    url = make_url(PG_SERVER_URL)
+    return psycopg.connect(
+        host=url.host or "127.0.0.1", port=url.port or 5432, user=url.username or "postgres",
+        password=url.password, dbname=dbname or url.database or "postgres",
+        autocommit=True, connect_timeout=5,
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    """The server's URL (without database) if reachable; skip/fail otherwise."""
+    try:
+        with _pg_connect() as conn:
+            conn.execute("SELECT 1")
+    except Exception as e:  # noqa: BLE001 - any failure means "no server"
+        reason = f"PostgreSQL at {make_url(PG_SERVER_URL).render_as_string(hide_password=True)} unreachable: " \
+                 f"{' '.join(str(e).split())}"
+        if in_ci():
+            pytest.fail(f"{reason} (CI is set: the PostgreSQL store tests must run)", pytrace=False)
+        pytest.skip(reason)
+    return PG_SERVER_URL
+
+
+@pytest.fixture
+def postgres_url(pg_server):
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+    name = f"fedcare_test_{secrets.token_hex(6)}"
+    with _pg_connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(pg_server).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'fedcare.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request) -> str:
+    """A fresh empty database URL, once per back-end."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
