@@ -293,9 +293,6 @@ class Store:
             if s.get(Run, run_id) is not None:
                 raise StoreError(f"run '{run_id}' already exists in {self.display_url}")
             s.add(row)
-            s.flush()  # the run row before the event that references it
-            s.add(EventRow(run_id=run_id, time=now, kind="created",
-                           message=f"{task} / {strategy}", data={"code_version": code_version}))
             self._commit(s, f"create run '{run_id}'")
         return run_id
 

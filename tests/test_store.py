@@ -101,8 +101,8 @@ def test_round_trip(store):
     assert run["ended_at"] >= run["started_at"] >= run["created_at"]
     assert run["config"] == CONFIG and run["rounds_done"] == 2
     kinds = [e["kind"] for e in store.events(run_id)]
-    assert kinds == ["created", "site_refused"]
-    assert store.events(run_id)[1]["data"] == {"site": "site-2", "round": 2}
+    assert kinds == ["site_refused"]
+    assert store.events(run_id)[0]["data"] == {"site": "site-2", "round": 2}
 
     # resuming clears the end time; an unknown status is a bug, not a user error
     store.set_status(run_id, "running")
@@ -222,6 +222,7 @@ def test_models_match_migrations(store):
 def test_report(store):
     run_id = store.create_run("heart-disease", "fedavg", CONFIG, "v1")
     store.set_status(run_id, "running")
+    store.add_event(run_id, "started", "3 rounds")
     fairness = {"sex": {"by_group": {"0": {"accuracy": 0.8}, "1": {"accuracy": 0.7}},
                         "demographic_parity_difference": 0.1}, "by_site": {}}
     store.write_round(run_id, make_record(1, fairness={"sex": {"old": True}}))
@@ -261,7 +262,7 @@ def test_report(store):
     assert privacy["site-1"]["steps"] == 200 and privacy["site-1"]["accountant"] == "prv"
 
     assert report["fairness"] == fairness       # latest round that has fairness
-    assert [e["kind"] for e in report["events"]] == ["created"]
+    assert [e["kind"] for e in report["events"]] == ["started"]
 
 
 def test_report_without_dp_or_evaluations(store):
