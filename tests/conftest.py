@@ -1,8 +1,9 @@
 """Shared fixtures.
 
 ``db_url`` runs a test on both store back-ends: a fresh SQLite file, and a fresh
-PostgreSQL database (created per test on the server at $FEDCARE_TEST_PG, default
-``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``, dropped afterwards).
+PostgreSQL schema (on the server at $FEDCARE_TEST_PG, default
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``): one scratch database per
+session, one fresh schema per test, all dropped afterwards.
 If that server is unreachable the PostgreSQL cases skip with the reason, except
 under CI (env CI set and not false/0), where they fail: CI must test PostgreSQL.
 """
@@ -47,18 +48,32 @@ def pg_server() -> str:
     return PG_SERVER_URL
 
 
-@pytest.fixture
-def postgres_url(pg_server):
-    """A fresh, empty PostgreSQL database for one test (dropped afterwards)."""
+@pytest.fixture(scope="session")
+def pg_database(pg_server):
+    """One scratch PostgreSQL database for the session (dropped at the end)."""
     name = f"fedcare_test_{secrets.token_hex(6)}"
     with _pg_connect() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(pg_server).set(database=name)
     try:
-        yield url.render_as_string(hide_password=False)
+        yield name
     finally:
         with _pg_connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(pg_server, pg_database):
+    """A fresh, empty PostgreSQL schema for one test, selected through the URL's
+    search_path (creating a database per test costs about a second each)."""
+    schema = f"t_{secrets.token_hex(6)}"
+    with _pg_connect(pg_database) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    url = make_url(pg_server).set(database=pg_database, query={"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with _pg_connect(pg_database) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture
