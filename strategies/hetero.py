@@ -101,6 +101,25 @@ def aggregate_mixed_ranks(states: Sequence[State], weights: Sequence[float], r_g
     return {k: mean[k].astype(np.asarray(template[k]).dtype) for k in template}, 0.0
 
 
+def rank_scale(cfg) -> RankScale:
+    """The LoRA scale of a rank under ``cfg`` (peft: ``lora_alpha / r``), the one
+    definition shared by the server's strategy and the sites."""
+    alpha = float(cfg.lora.alpha)
+    return lambda r: alpha / r
+
+
+def state_for_site_rank(global_state: State, r_site: int | None, cfg) -> dict[str, np.ndarray]:
+    """What a site of rank ``r_site`` loads from a global state (call it at the site or
+    at the server): the global state re-factorised (exact) or sliced (naive) to its
+    rank. ``ffa`` cannot mix ranks (each rank has its own frozen A): ValueError."""
+    r_global = lora_rank(global_state)
+    if r_site is None or r_global is None or r_site == r_global:
+        return dict(global_state)
+    if cfg.lora.aggregation == "ffa":
+        raise ValueError("lora.aggregation=ffa needs one rank at every site (each rank has its own frozen A)")
+    return truncate_for_site(global_state, int(r_site), cfg.lora.aggregation, rank_scale(cfg))
+
+
 def per_site_arrays(strategy, global_state: State, site_rank: int | None) -> dict[str, np.ndarray]:
     """What one site receives: the global state at the site's declared rank
     (``strategy`` is the object ``build_strategy`` returned; it knows the mode and

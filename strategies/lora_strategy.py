@@ -83,6 +83,9 @@ class LoraAwareStrategy(Strategy):
                 raise ValueError(f"ffa: a site sent frozen factor {carrying_a[0]}; "
                                  "lora_A must stay at the site")
         ranks = [lora_rank(s) for s in states]
+        if self.lora_mode == "ffa" and len({r for r in ranks if r is not None}) > 1:
+            raise ValueError(f"ffa: sites sent B of different ranks {sorted(set(ranks))}; "
+                             "ffa needs one rank at every site (each rank has its own frozen A)")
         if any(r is not None for r in ranks):
             self.last_diagnostics["lora_rank_min"] = float(min(r for r in ranks if r is not None))
             self.last_diagnostics["lora_rank_max"] = float(max(r for r in ranks if r is not None))

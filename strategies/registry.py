@@ -34,6 +34,7 @@ from fedcare.errors import ConfigError
 from fedcare.models.base import Task
 from fedcare.schemas import ARRAYS, CONFIG, NUM_EXAMPLES, TRAIN_LOSS
 
+from .hetero import rank_scale
 from .lora_strategy import LoraAwareStrategy
 
 
@@ -99,7 +100,6 @@ def build_strategy(cfg: RunConfig, task: Task) -> LoraAwareStrategy:
     ``cfg.lora.aggregation`` (see module docstring)."""
     check_strategy_config(cfg, task)
     base = _BUILDERS[cfg.strategy.name](cfg)
-    alpha = float(cfg.lora.alpha)
-    rank_scale = (lambda r: alpha / r) if task.uses_lora else None
     return LoraAwareStrategy(base, lora_mode=cfg.lora.aggregation,
-                             rank=cfg.lora.r if task.uses_lora else None, rank_scale=rank_scale)
+                             rank=cfg.lora.r if task.uses_lora else None,
+                             rank_scale=rank_scale(cfg) if task.uses_lora else None)

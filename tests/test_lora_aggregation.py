@@ -250,3 +250,20 @@ def test_split_personal_modes():
         split_personal({"linear.weight": np.zeros(2)}, "head")
     with pytest.raises(ConfigError):
         split_personal(s, "everything")
+
+
+def test_state_for_site_rank_uses_the_run_config():
+    from fedcare.config import RunConfig
+    from fedcare.strategies.hetero import rank_scale, state_for_site_rank
+
+    rng = np.random.default_rng(10)
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.aggregation = 8, 16, "exact"
+    g = lora_state(rng, 8)
+    site = state_for_site_rank(g, 4, cfg)
+    assert lora_rank(site) == 4
+    np.testing.assert_allclose(effective_deltas(site, rank_scale(cfg))[PFX.format(i=0)].shape, (10, 12))
+    assert state_for_site_rank(g, None, cfg) == g and state_for_site_rank(g, 8, cfg) == g
+    cfg.lora.aggregation = "ffa"
+    with pytest.raises(ValueError, match="one rank at every site"):
+        state_for_site_rank(g, 4, cfg)
