@@ -96,7 +96,7 @@ class SiteRoundRow(Base):
     run_id: Mapped[str] = mapped_column(sa.String(64))
     round: Mapped[int] = mapped_column(sa.Integer)
     site: Mapped[str] = mapped_column(sa.String(128))
-    node_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    node_id: Mapped[str | None] = mapped_column(sa.String(24))  # Flower node ids are uint64
     status: Mapped[str] = mapped_column(sa.String(16))
     reason: Mapped[str] = mapped_column(sa.Text, default="")
     num_examples: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -357,7 +357,7 @@ class Store:
                 privacy = clean_json(x.privacy) if x.privacy else None
                 p = privacy or {}
                 s.add(SiteRoundRow(
-                    run_id=run_id, round=record.round, site=str(x.site), node_id=x.node_id,
+                    run_id=run_id, round=record.round, site=str(x.site), node_id=None if x.node_id is None else str(x.node_id),
                     status=x.status, reason=x.reason or "", num_examples=int(x.num_examples or 0),
                     train_loss=_float(x.train_loss), update_bytes=int(x.update_bytes or 0),
                     duration_s=_float(x.duration_s), metrics=clean_json(x.metrics or {}), privacy=privacy,

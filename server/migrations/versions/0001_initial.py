@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(64), nullable=False),
         sa.Column("round", sa.Integer, nullable=False),
         sa.Column("site", sa.String(128), nullable=False),
-        sa.Column("node_id", sa.BigInteger, nullable=True),
+        sa.Column("node_id", sa.String(24), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("num_examples", sa.Integer, nullable=False),
