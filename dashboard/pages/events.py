@@ -1,0 +1,33 @@
+"""Events: what happened to the run (starts, resumes, refusals, failures)."""
+import json
+
+import streamlit as st
+
+from fedcare.dashboard import common
+from fedcare.server import queries as q
+
+engine = common.engine_or_stop()
+run = common.selected_run(engine)
+common.header("Events", run)
+LIMIT = 500
+
+
+def body() -> None:
+    counts = q.event_counts(engine, run["run_id"])
+    if counts.empty:
+        st.info(f"Run {run['run_id']} has no events yet.")
+        return
+    cols = st.columns(min(6, len(counts)))
+    for col, row in zip(cols, counts.itertuples()):
+        col.metric(row.kind, int(row.count))
+    if run.get("message"):
+        (st.error if run["status"] == "failed" else st.info)(f"{run['status']}: {run['message']}")
+    events = q.events(engine, run["run_id"], limit=LIMIT)
+    events["time"] = events["time"].map(common.when)
+    events["data"] = events["data"].map(lambda d: json.dumps(d) if d else "")
+    st.dataframe(events[["time", "kind", "message", "data"]], hide_index=True)
+    if int(counts["count"].sum()) > LIMIT:
+        st.caption(f"The latest {LIMIT} of {int(counts['count'].sum())} events.")
+
+
+common.live(body, run, engine)

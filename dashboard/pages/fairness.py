@@ -1,0 +1,106 @@
+"""Fairness: per-group metrics over rounds, their differences, worst group and site,
+and the same experiment at several epsilons side by side."""
+import plotly.express as px
+import streamlit as st
+
+from fedcare.dashboard import common
+from fedcare.server import queries as q
+
+engine = common.engine_or_stop()
+run = common.selected_run(engine)
+common.header("Fairness", run)
+METRICS = ["accuracy", "tpr", "fpr", "selection_rate", "auroc", "ece"]
+
+
+def body() -> None:
+    latest = q.fairness_latest(engine, run["run_id"])
+    if latest is None:
+        st.info(f"Run {run['run_id']} has no fairness numbers yet: they come with the first evaluated round "
+                "(sites report per-group counts on their test splits).")
+        return
+    rnd, fairness = latest
+    groups = q.fairness_groups(fairness)
+    if fairness.get("excluded_sites"):
+        st.warning("Left out of the fairness numbers: " +
+                   "; ".join(f"{s}: {why}" for s, why in fairness["excluded_sites"].items()))
+    if list(groups) == ["class"]:
+        st.caption("This task has no sensitive attributes: groups are the true classes, and hospitals are "
+                   "compared below.")
+    attribute = st.radio("Attribute", list(groups), horizontal=True, key="fair_attribute") if groups else None
+    if attribute:
+        attribute_view(attribute, groups[attribute], fairness[attribute], rnd)
+    site_view(fairness.get("by_site", {}), rnd)
+    epsilon_view()
+
+
+def attribute_view(attribute: str, names: list[str], summary: dict, rnd: int) -> None:
+    st.subheader(f"{attribute}: groups at round {rnd}")
+    cols = st.columns(3)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    cols[0].metric("Demographic parity difference", fmt(summary.get("demographic_parity_difference")))
+    cols[1].metric("Equalized odds difference", fmt(summary.get("equalized_odds_difference")))
+    cols[2].metric("Worst group accuracy", fmt(summary.get("worst_group_accuracy")),
+                   help=f"worst group: {summary.get('worst_group')}")
+    rows = []
+    for group in names:
+        m = summary["by_group"][group]
+        rows.append({"group": group, **({k: m.get(k) for k in ["n", *METRICS]} if not m.get("suppressed") else {}),
+                     "suppressed at": ", ".join(m.get("suppressed_at", [])) or ""})
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    worst = summary.get("worst_group")
+    styled = table.style.apply(lambda r: ["background-color: #ffcdd2" if r["group"] == worst else "" for _ in r],
+                               axis=1).format(precision=3, na_rep="suppressed")
+    st.dataframe(styled, hide_index=True)
+    st.caption(f"Worst group (lowest accuracy) highlighted: **{worst}**. Groups smaller than a site's threshold "
+               "are suppressed at that site and contribute nothing from it.")
+    metric = st.selectbox("Group metric over rounds", METRICS, key="fair_metric")
+    series = q.fairness_series(engine, run["run_id"], attribute, names, metric)
+    present = [g for g in names if g in series and series[g].notna().any()]
+    if present:
+        long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
+        fig = px.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
+                      title=f"{metric} per {attribute} group")
+        common.plot(fig, key="fair_groups")
+    diffs = series.melt(id_vars="round", value_vars=list(q.ATTRIBUTE_SUMMARY), var_name="measure")
+    fig = px.line(diffs, x="round", y="value", color="measure", title=f"{attribute}: differences over rounds")
+    common.plot(fig, key="fair_diffs")
+
+
+def site_view(by_site: dict, rnd: int) -> None:
+    sites = by_site.get("sites", {})
+    if not sites:
+        return
+    st.subheader(f"Hospitals at round {rnd}")
+    import pandas as pd
+
+    table = pd.DataFrame([{"site": s, **m} for s, m in sites.items()])
+    worst = by_site.get("worst_site")
+    table["highlight"] = table["site"].map(lambda s: "worst site" if s == worst else "other sites")
+    cols = st.columns(3)
+    cols[0].metric("Worst site", str(worst), help="lowest accuracy on its own test split")
+    cols[1].metric("Best - worst accuracy", "n/a" if by_site.get("gap") is None else f"{by_site['gap']:.3f}")
+    cols[2].metric("Spread (std) of site accuracy", "n/a" if by_site.get("spread") is None else f"{by_site['spread']:.3f}")
+    fig = px.bar(table.sort_values("accuracy"), x="site", y="accuracy", color="highlight",
+                 color_discrete_map={"worst site": "#c62828", "other sites": "#1565c0"},
+                 hover_data=["n", "tpr", "fpr", "auroc", "ece"], title="Accuracy per hospital (worst in red)")
+    common.plot(fig, key="fair_sites")
+
+
+def epsilon_view() -> None:
+    siblings = q.epsilon_siblings(engine, run["run_id"])
+    if siblings.empty:
+        st.caption("No other run of this experiment with different DP settings in the store.")
+        return
+    st.subheader("The same experiment at several privacy levels")
+    st.dataframe(siblings, hide_index=True)
+    measures = [c for c in siblings.columns if c.endswith(("worst_group_accuracy", "equalized_odds_difference"))]
+    long = siblings.assign(setting=siblings["dp"]).melt(id_vars="setting", value_vars=["accuracy", *measures],
+                                                        var_name="measure")
+    fig = px.bar(long, x="measure", y="value", color="setting", barmode="group",
+                 title="Accuracy, worst-group accuracy and equalized odds by DP setting")
+    common.plot(fig, key="fair_epsilon")
+
+
+common.live(body, run, engine)

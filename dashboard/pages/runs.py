@@ -1,0 +1,57 @@
+"""Runs: every run in the store; the selected ones compared."""
+import plotly.express as px
+import streamlit as st
+
+from fedcare.dashboard import common
+from fedcare.server import queries as q
+
+engine = common.engine_or_stop()
+run = common.selected_run(engine)
+common.header("Runs", run)
+
+
+def body() -> None:
+    runs = q.list_runs(engine)
+    table = runs.assign(
+        rounds=runs["rounds_done"].astype(str) + " / " + runs["rounds_planned"].fillna(0).astype(int).astype(str),
+        sites=runs["sites_seen"].astype(str) + " / " + runs["sites_planned"].fillna(0).astype(int).astype(str),
+        started=runs["started_at"].map(common.when), ended=runs["ended_at"].map(common.when))
+    st.dataframe(table[["run_id", "status", "task", "strategy", "dp", "rounds", "sites", "started", "ended", "message"]],
+                 hide_index=True, key="runs_table")
+    st.caption("Pick the run to show in the sidebar; add runs under *Compare with* to overlay them here and on "
+               "the Convergence page.")
+
+    names = q.metric_names(engine, run["run_id"])
+    if not names:
+        st.info(f"Run {run['run_id']} has no evaluation yet: metrics appear after its first round.")
+        return
+    final = q.final_site_metrics(engine, run["run_id"], "accuracy" if "accuracy" in names else names[0])
+    cols = st.columns(4)
+    cols[0].metric("Rounds", f"{run_rounds(runs)} / {run['rounds_planned'] or '?'}")
+    glob = final[(final["scope"] == q.GLOBAL) & (final["kind"] == q.FEDERATED)]
+    sites = final[(final["scope"] != q.GLOBAL) & (final["kind"] == q.FEDERATED)]
+    cols[1].metric("Sites evaluated", len(sites))
+    if not glob.empty:
+        cols[2].metric(f"Global {'accuracy' if 'accuracy' in names else names[0]}", f"{glob['value'].iloc[0]:.3f}")
+    if not sites.empty:
+        worst = sites.loc[sites["value"].idxmin()]
+        cols[3].metric("Worst site", f"{worst['value']:.3f}", help=f"{worst['scope']}")
+
+    metric = st.selectbox("Metric", names, index=names.index("accuracy") if "accuracy" in names else 0, key="runs_metric")
+    compared = common.compared_runs()
+    series = q.global_metric(engine, compared, metric)
+    series = series[series["kind"] == q.FEDERATED]
+    fig = px.line(series, x="round", y="value", color="run_id", markers=len(series) < 200,
+                  title=f"Global {metric} per round" + (" (compared runs)" if len(compared) > 1 else ""),
+                  labels={"value": metric})
+    common.plot(fig, key="runs_compare")
+    with st.expander(f"Configuration of {run['run_id']}"):
+        st.json(run["config"], expanded=False)
+
+
+def run_rounds(runs) -> int:
+    row = runs[runs["run_id"] == run["run_id"]]
+    return int(row["rounds_done"].iloc[0]) if not row.empty else 0
+
+
+common.live(body, run, engine)
