@@ -115,10 +115,13 @@ def _dp_optimizer_class():
 
         proximal_mu: float = 0.0
         anchors: list | None = None
+        loader: "SiteDPDataLoader | None" = None
 
         def pre_step(self, closure=None):
-            if self.params and all(getattr(p, "grad_sample", None) is None for p in self.params):
-                for p in self.params:  # empty batch: no per-sample gradients at all
+            # Only a batch the loader saw empty gets the noise-only step: parameters left
+            # without per-sample gradients after a real batch are a bug Opacus reports.
+            if self.loader is not None and self.loader.last_batch_size == 0:
+                for p in self.params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             ok = super().pre_step(closure)
             if ok and self.proximal_mu > 0 and self.anchors is not None:
@@ -127,6 +130,26 @@ def _dp_optimizer_class():
             return ok
 
     return SiteDPOptimizer
+
+
+def _loader_class():
+    from opacus.data_loader import DPDataLoader
+
+    class SiteDPDataLoader(DPDataLoader):
+        """Opacus' Poisson-sampling loader that remembers the size of the batch it last
+        gave out (and counts the empty ones)."""
+
+        last_batch_size: int = -1
+        empty_batches: int = 0
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                first = batch[0] if isinstance(batch, (list, tuple)) else batch
+                self.last_batch_size = len(first)
+                self.empty_batches += self.last_batch_size == 0
+                yield batch
+
+    return SiteDPDataLoader
 
 
 def _fresh_generator(device: torch.device) -> torch.Generator:
@@ -155,7 +178,6 @@ def private_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
     on exit, even when training fails, so the same model object can be made private
     again next round."""
     from opacus.accountants import create_accountant
-    from opacus.data_loader import DPDataLoader
     from opacus.grad_sample.grad_sample_module import GradSampleHooks
     from opacus.validators import ModuleValidator
 
@@ -183,7 +205,8 @@ def private_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
             dp_optimizer.anchors = [p.detach().clone() for p in dp_optimizer.params]
         accountant = create_accountant(mechanism=plan.accountant)
         dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
-        loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=_fresh_generator(torch.device("cpu")))
+        loader = _loader_class()(dataset, sample_rate=plan.sample_rate, generator=_fresh_generator(torch.device("cpu")))
+        dp_optimizer.loader = loader
         yield PrivateRound(dp_optimizer, loader, accountant)
     finally:
         hooks.cleanup()  # removes hooks and grad_sample/_forward_counter attributes
