@@ -20,6 +20,7 @@ from fedcare.models.state import get_trainable_state, set_trainable_state, state
 from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
 
+from . import faults
 from .site import Site
 
 log = logging.getLogger("fedcare.client")
@@ -36,6 +37,7 @@ def train(msg: Message, context: Context) -> Message:
         split = site.split()
         if policy is not None:
             policy.check(site.cfg, app_identity(), len(split.train))
+        faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
         _load_global(site, model, msg, context)
         from .ledger import SiteLedger
@@ -53,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
 
     state = get_trainable_state(model)
     shared = _shared_part(site, state, context)
+    received = from_array_record(msg.content[S.ARRAYS])
+    shared = faults.corrupt_update(site.cfg.faults, site.site_id, shared, received, site.cfg.seed + rnd)
     metrics = MetricRecord({
         S.NUM_EXAMPLES: outcome.result.num_examples,
         S.TRAIN_LOSS: outcome.result.train_loss,

@@ -38,12 +38,31 @@ def simulate(
     quiet: bool = typer.Option(False, help="No progress display"),
 ) -> None:
     """Run a Flower simulation of TASK with virtual hospitals on this machine."""
-    from .flower import flwr_run, simulation_superlink, workdir_for
-    from .launch import default_ledger_dir, follow, register_run, resolve_config
+    from .launch import resolve_config
 
     cfg = resolve_config(task, set_, sites=sites, rounds=rounds, seed=seed,
                          **({"strategy.name": strategy} if strategy else {}))
+    run_simulation(cfg, _db(db), ledger_dir, quiet)
+    _print_next_steps(_db(db))
+
+
+@app.command()
+def demo(db: Optional[str] = typer.Option(None, help=DB_HELP),
+         rounds: int = typer.Option(5, help="Rounds of each simulation")) -> None:
+    """The README's first command: four real hospitals (Fed-Heart-Disease), then a LoRA
+    text model over four virtual hospitals, both stored in SQL."""
+    from .launch import resolve_config
+
     db_url = _db(db)
+    for task in ("heart-disease", "medical-abstracts"):
+        run_simulation(resolve_config(task, [], rounds=rounds), db_url, None, quiet=False)
+    _print_next_steps(db_url)
+
+
+def run_simulation(cfg, db_url: str, ledger_dir: Optional[Path], quiet: bool) -> str:
+    from .flower import flwr_run, simulation_superlink, stop, workdir_for
+    from .launch import default_ledger_dir, follow, register_run
+
     store, run_id = register_run(cfg, db_url)
     cfg.site.ledger_dir = str(ledger_dir.resolve()) if ledger_dir else (cfg.site.ledger_dir or default_ledger_dir(run_id))
     typer.echo(f"run {run_id}: {cfg.task}, {cfg.sites} sites, {cfg.rounds} rounds, {cfg.strategy.name}, DP {cfg.dp.level}")
@@ -54,8 +73,6 @@ def simulate(
             try:
                 status = follow(store, run_id, cfg, proc, work / "flwr-run.log", quiet=quiet)
             finally:
-                from .flower import stop
-
                 stop(proc)
     except KeyboardInterrupt:
         store.set_status(run_id, "interrupted", "stopped by the user")
@@ -66,9 +83,14 @@ def simulate(
         typer.echo(f"run {run_id} {status}: {run.get('message') or ''}\nFlower log: {work / 'flwr-run.log'}", err=True)
         raise typer.Exit(1)
     typer.echo(f"run {run_id} completed: {run.get('rounds_done', cfg.rounds)} rounds stored in {db_url}")
-    typer.echo(f"privacy ledgers: {cfg.site.ledger_dir}")
-    typer.echo(f"report:    fedcare report {run_id} --db {db_url} --json")
-    typer.echo(f"dashboard: fedcare dashboard --db {db_url}   (then open http://127.0.0.1:8501)")
+    typer.echo(f"  report:          fedcare report {run_id} --db {db_url} --json")
+    typer.echo(f"  privacy ledgers: {cfg.site.ledger_dir}")
+    return run_id
+
+
+def _print_next_steps(db_url: str) -> None:
+    typer.echo(f"database:  {db_url}")
+    typer.echo(f"dashboard: fedcare dashboard --db {db_url}   then open http://127.0.0.1:8501")
 
 
 @app.command()
@@ -161,8 +183,8 @@ def _mount_subcommands() -> None:
             if err.name != module:
                 raise
     try:
-        from .dashboard.cli import dashboard_command
-        app.command("dashboard")(dashboard_command)
+        from .dashboard.cli import dashboard_app  # `fedcare dashboard [...]` and `... hash-password`
+        app.add_typer(dashboard_app, name="dashboard")
     except ModuleNotFoundError as err:  # pragma: no cover
         if err.name != "fedcare.dashboard.cli":
             raise

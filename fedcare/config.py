@@ -75,6 +75,17 @@ class SiteConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection, to exercise the federation's defences in tests and drills: the
+    named virtual site misbehaves. kind: nan | shape | scale | sign | random (a bad or
+    hostile update), crash (the site errors), hang (the site never answers)."""
+
+    site: str = ""
+    kind: str = ""
+    scale: float = 100.0
+
+
+@dataclass
 class RuntimeConfig:
     """Set by the fedcare CLI for one Flower run; not part of the stored experiment."""
 
@@ -95,6 +106,7 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ----------------------------------------------------------------- flat keys
@@ -200,6 +212,8 @@ class RunConfig:
         need(self.strategy.min_sites >= 1, "strategy.min_sites must be at least 1")
         need(self.strategy.round_timeout > 0, "strategy.round_timeout must be positive")
         need(self.site.budget >= 0, "site.budget must be >= 0")
+        need(self.faults.kind in ("", "nan", "shape", "scale", "sign", "random", "crash", "hang"),
+             "faults.kind must be one of nan, shape, scale, sign, random, crash, hang")
         return self
 
     @property

@@ -79,13 +79,13 @@ def simulation_superlink(num_sites: int, workdir: Path) -> Iterator[tuple[Path, 
     """A simulation-mode SuperLink for one run; yields (FLWR_HOME, env)."""
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    control, http, fleet, health = (free_port() for _ in range(4))
+    http, health = free_port(), free_port()  # one HTTP port serves runtime, control and fleet
     env = flwr_env(flwr_home)
     cpus = os.cpu_count() or 2
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
         "default": "fedcare",
         "fedcare": {
-            "address": f"127.0.0.1:{control}",
+            "address": f"127.0.0.1:{http}",
             "insecure": True,
             "options": {
                 "num-supernodes": num_sites,
@@ -97,12 +97,11 @@ def simulation_superlink(num_sites: int, workdir: Path) -> Iterator[tuple[Path, 
     log = open(workdir / "superlink.log", "w")
     cmd = [shutil.which("flower-superlink") or "flower-superlink", "--insecure", "--simulation",
            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-           "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(http),
-           "--fleet-api-address", f"127.0.0.1:{fleet}", "--health-server-address", f"127.0.0.1:{health}",
+           "--host", "127.0.0.1", "--port", str(http), "--health-server-address", f"127.0.0.1:{health}",
            "--database", ":flwr-in-memory:"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(control, proc, workdir / "superlink.log")
+        _wait_port(http, proc, workdir / "superlink.log")
         yield flwr_home, env
     finally:
         _stop(proc)

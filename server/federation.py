@@ -89,8 +89,11 @@ class Federation:
             arrays, agg_metrics = self.strategy.aggregate_train(rnd, accepted_msgs)
             if arrays is not None:
                 state = {**state, **from_array_record(arrays)}
-            metrics.update({f"train_{k}": float(v) for k, v in (agg_metrics or {}).items()
-                            if isinstance(v, (int, float))})
+            if agg_metrics and S.TRAIN_LOSS in agg_metrics:
+                metrics[S.TRAIN_LOSS] = float(agg_metrics[S.TRAIN_LOSS])  # weighted by examples
+            sent = [s.update_bytes for s in sites if s.accepted]
+            metrics["update_bytes_total"] = float(sum(sent))
+            metrics["update_bytes_per_site"] = float(np.mean(sent)) if sent else 0.0
             metrics.update({k: float(v) for k, v in getattr(self.strategy, "last_diagnostics", {}).items()})
             metrics["aggregated"] = 1.0
         else:
