@@ -89,10 +89,12 @@ def test_round_trip(store):
     assert [(x["round"], x["site"], x["reason"], x["accepted"]) for x in refused] == \
         [(2, "site-2", "budget 3.0 would be exceeded", False)]
     ok = sr[0]
-    assert ok["num_examples"] == 50 and ok["update_bytes"] == 112 and ok["node_id"] == 100
+    assert ok["num_examples"] == 50 and ok["update_bytes"] == 112 and ok["node_id"] == "100"
     assert ok["train_loss"] == pytest.approx(0.6) and ok["privacy"]["accountant"] == "prv"
     evals = store.evaluations(run_id)
     assert len(evals) == 8 and evals[0]["scope"] == "global" and evals[0]["metrics"]["loss"] is None
+    assert [e["round"] for e in store.evaluations(run_id, round=2)] == [2] * 4
+    assert {x["site"] for x in store.site_rounds(run_id, round=1)} == set(SITES)
 
     store.add_event(run_id, "site_refused", "site-2 refused round 2", {"site": "site-2", "round": 2})
     store.set_status(run_id, "completed", "3 rounds")
@@ -293,8 +295,9 @@ def test_rejected_update_reason_kept(store):
     run_id = store.create_run("heart-disease", "fedavg", CONFIG, "v1")
     record = make_record(1)
     record.sites[1] = SiteRound("site-1", REJECTED, reason="non-finite values in linear.weight",
-                                num_examples=51, update_bytes=112)
+                                num_examples=51, update_bytes=112, node_id=2**64 - 1)  # Flower ids are uint64
     store.write_round(run_id, record)
+    assert store.site_rounds(run_id)[1]["node_id"] == str(2**64 - 1)
     sites = build_report(store, run_id)["rounds"][0]["sites"]
     assert [(s["site"], s["accepted"], s["reason"]) for s in sites if not s["accepted"]] == \
         [("site-1", False, "non-finite values in linear.weight")]
