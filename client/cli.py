@@ -65,3 +65,72 @@ def _print_table(ledger: Path, summary: list[dict]) -> None:
             table.add_row(run["run_id"], str(run["rounds"]), str(run["attempts"]), str(run["steps"]),
                           f"{run['epsilon']:.3f}")
         console.print(table)
+
+
+# ------------------------------------------------------- deployment: SuperNode and audit
+@site_app.command("start")
+def start(
+    site_id: str = typer.Option(..., help="This site's id as it appears in the coordinator's store"),
+    data: Path = typer.Option(..., help="The site's own data folder (the task's site format)"),
+    superlink: str = typer.Option(..., help="The coordinator's SuperLink as HOST:PORT"),
+    root_cert: Path = typer.Option(..., help="The federation's CA certificate (ca.pem from the coordinator)"),
+    node_key: Path = typer.Option(..., help="This site's private node key (from `fedcare certs site`)"),
+    ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite; created if missing)"),
+    policy: Optional[Path] = typer.Option(None, help="The site's policy (TOML); without it every run is allowed"),
+    audit: Optional[Path] = typer.Option(None, help="Audit log (default: SITE_ID.audit.jsonl next to the ledger)"),
+    task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task"),
+    port: int = typer.Option(9094, help="Local port of the SuperNode's ClientApp API (one per site on a machine)"),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank this site trains with (heterogeneous ranks)"),
+    workdir: Path = typer.Option(Path("~/.fedcare/site"), help="Folder for the SuperNode's log and node config"),
+) -> None:
+    """Join the federation: start this site's SuperNode (runs until Ctrl-C)."""
+    from fedcare.server.deploy import SiteSpec, run_site
+
+    spec = SiteSpec(site_id=site_id, node_key=node_key.expanduser(), data_path=data.expanduser(),
+                    ledger=ledger.expanduser(), policy=policy.expanduser() if policy else None,
+                    audit=audit.expanduser() if audit else None, lora_rank=lora_rank, port=port)
+    run_site(spec, superlink, root_cert.expanduser(), workdir.expanduser(), task=task, echo=typer.echo)
+
+
+@site_app.command("audit")
+def audit_cmd(
+    log: Path = typer.Option(..., "--log", help="The site's audit log (SITE_ID.audit.jsonl)"),
+    verify: bool = typer.Option(False, "--verify", help="Check the hash chain; exit 1 if broken"),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON lines"),
+) -> None:
+    """Print what left the site, and check the audit log's hash chain."""
+    from fedcare.errors import FedcareError
+
+    from .audit import AuditLog
+
+    if not log.is_file():
+        raise FedcareError(f"no audit log at {log}")
+    book = AuditLog(log)
+    entries = list(book.entries())
+    for e in entries:
+        if as_json:
+            typer.echo(json.dumps(e, sort_keys=True))
+        elif "_raw" in e:
+            typer.echo(f"?    unreadable line: {e['_raw'][:80]}")
+        else:
+            eps = "-" if e.get("epsilon") is None else f"{e['epsilon']:.4f}"
+            typer.echo(f"{e.get('seq'):>4} {_when(e.get('time'))} {e.get('run_id')} r{e.get('round')} "
+                       f"{e.get('kind'):<8} {e.get('decision'):<8} {e.get('bytes'):>9} B  eps {eps}  "
+                       f"sha256 {str(e.get('payload_sha256'))[:12]}  policy {str(e.get('policy_fingerprint'))[:12]}"
+                       + (f"  ({e['reason']})" if e.get("reason") else ""))
+    head = book.head()
+    if head:
+        typer.echo(f"head: seq {head.get('seq')} hash {head.get('hash')}", err=as_json)
+    if verify:
+        problems = book.verify()
+        for p in problems:
+            typer.echo(f"BROKEN: {p}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"chain intact: {len(entries)} entries", err=as_json)
+
+
+def _when(ts) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(float(ts), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if ts else "?"

@@ -1,0 +1,494 @@
+"""Deployment processes: the coordinator's SuperLink and the sites' SuperNodes.
+
+The SuperLink runs with TLS, SuperNode authentication, a persistent state database and
+runtime dependency installation off (``flower-superlink --ssl-ca-certfile
+--ssl-certfile --ssl-keyfile --enable-supernode-auth --database PATH
+--disable-runtime-dependency-installation``); flwr 1.41 serves the Fleet, Control and
+Runtime APIs over HTTPS on one port. Site public keys are registered with ``flwr
+supernode register KEY.pub CONNECTION`` through a ``config.toml`` connection in a
+FLWR_HOME that trusts the federation's CA. A SuperNode starts with
+``--root-certificates``, ``--auth-supernode-private-key``, its own runtime ``--port``
+and a node-config TOML file (site-id, data-path, ledger, policy, audit, lora-rank).
+
+Every process is started in its own session, with its log in a file; ``stop``
+ends it and the helper processes Flower spawns under it (SuperExec, ServerApp,
+ClientApp), which Flower detaches into sessions of their own.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from fedcare.certs import (CA_CERT, SERVER_CERT, SERVER_KEY, check_root_certificate,
+                           check_server_material, load_node_private_key, load_node_public_key)
+from fedcare.errors import FedcareError
+
+CONNECTION = "fedcare"   # name of the SuperLink connection fedcare writes into FLWR_HOME
+
+
+class DeploymentError(FedcareError):
+    """A SuperLink or SuperNode could not start, connect or register."""
+
+
+# ------------------------------------------------------------------------ processes
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+@dataclass
+class Managed:
+    """A process this module started, with its log file."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def find(self, needle: str) -> list[int]:
+        """Descendant processes whose command line contains ``needle`` (e.g. flwr-serverapp)."""
+        return [p for p in descendants(self.pid) if needle in _cmdline(p) and _alive(p)]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process and everything below it; SIGKILL what is left after ``grace``."""
+        tree = descendants(self.pid)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        _signal(tree, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and (self.proc.poll() is None or any(_alive(p) for p in tree)):
+            time.sleep(0.1)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        _signal([p for p in tree if _alive(p)], signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """Kill at once (a crash), leaving no time to clean up."""
+        tree = descendants(self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        _signal(tree, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def _env(flwr_home: Path | None = None) -> dict[str, str]:
+    from fedcare.flower import flwr_env
+
+    env = flwr_env(Path(flwr_home) if flwr_home else Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser())
+    return env
+
+
+def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> Managed:
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return Managed(name, proc, log_path)
+
+
+def _exe(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise DeploymentError(f"'{name}' is not on PATH; install fedcare (it brings flwr 1.41) in this environment")
+    return path
+
+
+# ------------------------------------------------------------------------- TLS checks
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> "TlsFiles":
+        folder = Path(folder)
+        return cls(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY)
+
+    def check(self) -> "TlsFiles":
+        check_server_material(self.ca_cert, self.server_cert, self.server_key)
+        return self
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise DeploymentError(f"SuperLink address '{address}' must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def check_superlink_reachable(address: str, root_cert: Path, timeout: float = 10.0) -> None:
+    """Open a TLS connection to ``address`` trusting only ``root_cert``; raise a
+    one-line ``DeploymentError`` saying which side is wrong."""
+    host, port = split_address(address)
+    ctx = ssl.create_default_context(cafile=str(root_cert))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return
+    except ssl.SSLCertVerificationError as err:
+        raise DeploymentError(f"the SuperLink at {address} presented a certificate that {root_cert} does not "
+                              f"verify ({err.verify_message}); ask the coordinator for the federation's CA") from None
+    except ssl.SSLError as err:
+        raise DeploymentError(f"TLS with the SuperLink at {address} failed: {err.reason or err}") from None
+    except OSError as err:
+        raise DeploymentError(f"cannot reach the SuperLink at {address}: {err.strerror or err}") from None
+
+
+def wait_for_port(host: str, port: int, proc: Managed, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not proc.alive():
+            raise DeploymentError(f"{proc.name} exited with code {proc.proc.returncode}: "
+                                  f"{last_error(proc.log())}; log: {proc.log_path}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.2)
+    raise DeploymentError(f"{proc.name} did not open {host}:{port} within {timeout:.0f} s; log: {proc.log_path}")
+
+
+def last_error(log: str) -> str:
+    """The most telling line of a Flower process log."""
+    lines = [l.strip() for l in log.splitlines() if l.strip()]
+    for key in ("CERTIFICATE_VERIFY_FAILED", "Failed to activate", "Address already in use",
+                "Unable to parse", "does not point to a file", "ERROR", "Error"):
+        hits = [l for l in lines if key in l]
+        if hits:
+            return hits[-1][:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+# ---------------------------------------------------------------------------- SuperLink
+def superlink_command(tls: TlsFiles, database: Path, host: str, port: int,
+                      isolation: str = "subprocess") -> list[str]:
+    return [_exe("flower-superlink"),
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key),
+            "--enable-supernode-auth", "--database", str(database),
+            "--disable-runtime-dependency-installation",
+            "--isolation", isolation, "--host", host, "--port", str(port)]
+
+
+def start_superlink(tls: TlsFiles, database: Path, workdir: Path, *, host: str = "127.0.0.1",
+                    port: int = 8000, isolation: str = "subprocess", flwr_home: Path | None = None,
+                    timeout: float = 60.0) -> Managed:
+    """Start the SuperLink and wait until it accepts TLS connections."""
+    tls.check()
+    database = Path(database)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    proc = _spawn("flower-superlink", superlink_command(tls, database, host, port, isolation),
+                  Path(workdir) / "superlink.log", _env(flwr_home))
+    try:
+        probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        wait_for_port(probe, port, proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    proc.info.update(host=host, port=port, database=str(database))
+    return proc
+
+
+def write_connection(flwr_home: Path, address: str, root_cert: Path, name: str = CONNECTION) -> Path:
+    """Add (or replace) the SuperLink connection ``name`` in ``FLWR_HOME/config.toml``
+    and make it the default; other connections in the file are kept."""
+    import tomllib
+
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    doc: dict = {}
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise DeploymentError(f"{path} is not valid TOML ({err}); fix or remove it") from None
+    links = doc.setdefault("superlink", {})
+    links[name] = {"address": address, "root-certificates": str(Path(root_cert).resolve())}
+    links["default"] = name
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def register_site(public_key: Path, flwr_home: Path, name: str = CONNECTION) -> int | None:
+    """Register a site's public key with the SuperLink; return its node id (None if the
+    key was registered before: registration is idempotent)."""
+    load_node_public_key(public_key)  # one-line error naming the file if it is unusable
+    proc = subprocess.run([_exe("flwr"), "supernode", "register", str(public_key), name, "--format", "json"],
+                          env=_env(flwr_home), capture_output=True, text=True, timeout=120)
+    try:
+        reply = json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
+        raise DeploymentError(f"`flwr supernode register {public_key}` failed: "
+                              f"{last_error(proc.stdout + proc.stderr)}") from None
+    if reply.get("success"):
+        return int(reply["node-id"])
+    message = str(reply.get("error-message", "")).strip().splitlines()
+    if any("already in use" in m for m in message):
+        return None
+    raise DeploymentError(f"registering {public_key} failed: {message[-1] if message else proc.stderr.strip()}")
+
+
+def registered_nodes(flwr_home: Path, name: str = CONNECTION) -> list[dict]:
+    proc = subprocess.run([_exe("flwr"), "supernode", "ls", name, "--format", "json"],
+                          env=_env(flwr_home), capture_output=True, text=True, timeout=120)
+    try:
+        return list(json.loads(proc.stdout[proc.stdout.index("{"):]).get("nodes", []))
+    except ValueError:
+        raise DeploymentError(f"`flwr supernode ls` failed: {last_error(proc.stdout + proc.stderr)}") from None
+
+
+# ---------------------------------------------------------------------------- SuperNode
+@dataclass(frozen=True)
+class SiteSpec:
+    site_id: str
+    node_key: Path
+    data_path: Path | None = None
+    ledger: Path | None = None
+    policy: Path | None = None
+    audit: Path | None = None
+    lora_rank: int | None = None
+    port: int = 9094                 # the SuperNode's own runtime (ClientApp IO) API port
+    host: str = "127.0.0.1"
+
+    def node_config(self) -> dict[str, str | int]:
+        cfg: dict[str, str | int] = {"site-id": self.site_id}
+        for key, value in (("data-path", self.data_path), ("ledger", self.ledger),
+                           ("policy", self.policy), ("audit", self.audit)):
+            if value:
+                cfg[key] = str(Path(value).resolve())
+        if self.lora_rank:
+            cfg["lora-rank"] = int(self.lora_rank)
+        return cfg
+
+
+def check_site(spec: SiteSpec, root_cert: Path) -> None:
+    """Everything a site can get wrong before it connects, as one-line errors."""
+    check_root_certificate(root_cert)
+    load_node_private_key(spec.node_key)
+    if spec.data_path is not None and not Path(spec.data_path).exists():
+        raise DeploymentError(f"site data folder {spec.data_path} does not exist")
+    if spec.policy is not None:
+        from fedcare.client.policy import SitePolicy
+
+        SitePolicy.load(spec.policy)
+    if spec.ledger is not None and not Path(spec.ledger).parent.is_dir():
+        raise DeploymentError(f"the ledger's folder {Path(spec.ledger).parent} does not exist")
+
+
+def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_config: Path,
+                      max_retries: int | None = None, max_wait: float | None = None) -> list[str]:
+    cmd = [_exe("flower-supernode"), "--superlink", superlink,
+           "--root-certificates", str(Path(root_cert).resolve()),
+           "--auth-supernode-private-key", str(Path(spec.node_key).resolve()),
+           "--host", spec.host, "--port", str(spec.port),
+           "--node-config", str(node_config)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if max_wait is not None:
+        cmd += ["--max-wait-time", str(max_wait)]
+    return cmd
+
+
+def start_supernode(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
+                    max_retries: int | None = None, max_wait: float | None = None,
+                    flwr_home: Path | None = None, precheck: bool = True) -> Managed:
+    """Start a site's SuperNode (returns at once; ``wait_joined`` waits for its node id)."""
+    check_site(spec, root_cert)
+    if precheck:
+        check_superlink_reachable(superlink, root_cert)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    node_config = workdir / f"{spec.site_id}.node-config.toml"
+    node_config.write_text(tomli_w.dumps(spec.node_config()))
+    cmd = supernode_command(spec, superlink, root_cert, node_config, max_retries, max_wait)
+    proc = _spawn(f"flower-supernode {spec.site_id}", cmd, workdir / f"{spec.site_id}.supernode.log",
+                  _env(flwr_home))
+    proc.info.update(site_id=spec.site_id, port=spec.port)
+    return proc
+
+
+def wait_joined(proc: Managed, timeout: float = 60.0) -> int:
+    """Wait until the SuperNode reports its node id; explain a refusal in one line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = proc.log()
+        for line in log.splitlines():
+            if "SuperNode ID:" in line:
+                node = int(line.rsplit("SuperNode ID:", 1)[1].split()[0])
+                proc.info["node_id"] = node
+                return node
+        if not proc.alive():
+            raise DeploymentError(explain_supernode_exit(proc))
+        time.sleep(0.2)
+    raise DeploymentError(f"{proc.name} did not join within {timeout:.0f} s; log: {proc.log_path}")
+
+
+def explain_supernode_exit(proc: Managed) -> str:
+    log = proc.log()
+    if "CERTIFICATE_VERIFY_FAILED" in log:
+        why = "the SuperLink's TLS certificate is not signed by the given root certificate"
+    elif "Failed to activate SuperNode" in log:
+        why = "the SuperLink refused this node key: its public key is not registered with the coordinator"
+    elif "Unable to parse the private key" in log:
+        why = "the node key is not an OpenSSH EC private key"
+    else:
+        why = last_error(log)
+    return f"{proc.name} stopped (exit {proc.proc.returncode}): {why}; log: {proc.log_path}"
+
+
+# ------------------------------------------------------------------- foreground commands
+@contextlib.contextmanager
+def _terminate_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt so a stopped command cleans up like Ctrl-C."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _hold(proc: Managed, explain) -> None:
+    """Block while ``proc`` lives; raise a one-line error if it stops by itself."""
+    while proc.alive():
+        time.sleep(0.5)
+    raise DeploymentError(explain(proc))
+
+
+def connect_address(host: str, port: int) -> str:
+    """How this machine reaches a SuperLink bound to ``host``."""
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "127.0.0.1") else f"{host}:{port}"
+
+
+def run_coordinator(tls: TlsFiles, database: Path, workdir: Path, flwr_home: Path, *, host: str,
+                    port: int, register: list[Path], address: str | None = None,
+                    isolation: str = "subprocess", echo=print) -> None:
+    """``fedcare server start``: SuperLink up, connection written, site keys registered,
+    then hold until interrupted; the SuperLink is stopped on the way out."""
+    for key in register:
+        load_node_public_key(key)
+    with _terminate_on_sigterm():
+        link = start_superlink(tls, database, workdir, host=host, port=port, isolation=isolation,
+                               flwr_home=flwr_home)
+        try:
+            address = address or connect_address(host, port)
+            conf = write_connection(flwr_home, address, tls.ca_cert)
+            echo(f"SuperLink listening on {host}:{port} (TLS, SuperNode authentication on); "
+                 f"state {database}; log {link.log_path}")
+            echo(f"connection '{CONNECTION}' -> {address} written to {conf}")
+            for key in register:
+                node = register_site(key, flwr_home)
+                echo(f"registered {key}: " + (f"node {node}" if node else "already registered"))
+            echo("ready; Ctrl-C stops the SuperLink")
+            _hold(link, lambda p: f"flower-superlink stopped (exit {p.proc.returncode}): "
+                                  f"{last_error(p.log())}; log: {p.log_path}")
+        except KeyboardInterrupt:
+            echo("stopping the SuperLink")
+        finally:
+            link.stop()
+
+
+def check_site_data(task: str, data_path: Path) -> int:
+    """Load the site's data the way the ClientApp will; return its training examples."""
+    from fedcare.config import RunConfig
+    from fedcare.models.registry import get_task
+
+    cfg = RunConfig(task=task)
+    cfg.data.path = str(Path(data_path).resolve())
+    split = get_task(task).load_site("site", cfg)
+    return len(split.train)
+
+
+def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
+             flwr_home: Path | None = None, task: str | None = None, echo=print,
+             join_timeout: float = 120.0) -> None:
+    """``fedcare site start``: check everything, start the SuperNode, report its node
+    id, hold until interrupted; explain in one line if it is refused or stops."""
+    check_site(spec, root_cert)
+    if task and spec.data_path:
+        n = check_site_data(task, spec.data_path)
+        echo(f"{spec.data_path}: {n} training examples for task {task}")
+    check_superlink_reachable(superlink, root_cert)
+    with _terminate_on_sigterm():
+        node = start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, precheck=False,
+                               max_retries=None)
+        try:
+            node_id = wait_joined(node, join_timeout)
+            echo(f"site {spec.site_id} joined the federation at {superlink} as node {node_id}; "
+                 f"log {node.log_path}")
+            echo("ready; Ctrl-C stops the SuperNode")
+            _hold(node, explain_supernode_exit)
+        except KeyboardInterrupt:
+            echo(f"stopping site {spec.site_id}")
+        finally:
+            node.stop()
