@@ -125,7 +125,7 @@ def metric_names(engine: sa.Engine, run_id: str, kind: str = FEDERATED) -> list[
 
 
 def evaluation_kinds(engine: sa.Engine, run_id: str) -> list[str]:
-    stmt = sa.select(sa.distinct(EvaluationRow.kind)).where(EvaluationRow.run_id == run_id)
+    stmt = sa.select(EvaluationRow.kind).where(EvaluationRow.run_id == run_id).distinct()
     with engine.connect() as conn:
         return sorted(conn.execute(stmt).scalars())
 
