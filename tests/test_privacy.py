@@ -282,3 +282,98 @@ def test_lora_adapter_trains_under_dp_two_rounds_same_model(tmp_path):
             assert not any(hasattr(p, "grad_sample") for p in model.parameters())
         assert out.privacy["steps"] == 2 * len(rounds)
         assert np.isfinite(out.privacy["epsilon"])
+
+
+# ------------------------------------------------------------------ client-level DP
+class NodesGrid:
+    """Lists node ids for ``configure_train``; nothing is sent through it."""
+
+    def __init__(self, node_ids):
+        self._ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self._ids)
+
+
+@pytest.fixture
+def serverapp_identity():
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _client_dp_round(strategy, global_state, site_states, nums, rnd=1):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedcare.records import from_array_record, to_array_record
+    from fedcare.schemas import ARRAYS, METRICS, NUM_EXAMPLES, TRAIN_LOSS
+
+    grid = NodesGrid(range(101, 101 + len(site_states)))
+    instructions = sorted(strategy.configure_train(rnd, to_array_record(global_state), ConfigRecord(), grid),
+                          key=lambda m: m.metadata.dst_node_id)
+    replies = [Message(RecordDict({ARRAYS: to_array_record(s),
+                                   METRICS: MetricRecord({NUM_EXAMPLES: n, TRAIN_LOSS: 0.5})}), reply_to=ins)
+               for ins, s, n in zip(instructions, site_states, nums)]
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    return dict(from_array_record(arrays)), replies
+
+
+def _client_dp_strategy(**sets):
+    from fedcare.strategies.client_dp import wrap_client_dp
+    from fedcare.strategies.registry import build_strategy
+
+    cfg = RunConfig.from_flat({"task": "heart-disease", "dp.level": "client", "dp.max_grad_norm": 1.0,
+                               "dp.accountant": "rdp", "strategy.min_sites": 1, **sets}).validate()
+    return wrap_client_dp(build_strategy(cfg, HeartDiseaseTask()), cfg, 4), cfg
+
+
+def test_client_dp_clips_each_site_and_weights_sites_equally(serverapp_identity):
+    strategy, _ = _client_dp_strategy(**{"dp.noise_multiplier": 1e-9})
+    rng = np.random.default_rng(0)
+    g = {"weight": rng.normal(size=(1, 13)).astype(np.float32), "bias": np.zeros(1, np.float32)}
+    deltas = [{k: rng.normal(scale=s, size=v.shape).astype(np.float32) for k, v in g.items()} for s in (0.01, 3, 5, 9)]
+    sites = [{k: g[k] + d[k] for k in g} for d in deltas]
+    new, _ = _client_dp_round(strategy, g, sites, nums=[199, 172, 30, 85])
+
+    def clipped(d):
+        norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in d.values()))
+        return {k: v * min(1.0, 1.0 / norm) for k, v in d.items()}
+
+    expected = {k: g[k] + np.mean([clipped(d)[k] for d in deltas], axis=0) for k in g}
+    for k in g:
+        np.testing.assert_allclose(new[k], expected[k], atol=1e-5)
+
+
+def test_client_dp_noise_and_client_epsilon(serverapp_identity):
+    from fedcare.strategies.client_dp import client_level_epsilon
+
+    strategy, cfg = _client_dp_strategy(**{"dp.noise_multiplier": 2.0, "dp.delta": 1e-3})
+    g = {"weight": np.zeros((1, 100_000), np.float32), "bias": np.zeros(1, np.float32)}
+    for rnd, m in ((1, 4), (2, 3)):                       # round 2: one site refused
+        new, _ = _client_dp_round(strategy, g, [g] * m, nums=[10] * m, rnd=rnd)
+        assert np.std(new["weight"]) == pytest.approx(2.0 * 1.0 / m, rel=0.02)   # z C / m
+        eps = strategy.last_diagnostics["client_epsilon"]
+        assert eps == pytest.approx(client_level_epsilon(2.0, rnd, 1.0, 1e-3, "rdp"))
+    assert eps > client_level_epsilon(2.0, 1, 1.0, 1e-3, "rdp") > 0
+
+
+def test_client_dp_calibrates_to_target_over_the_rounds():
+    from fedcare.strategies.client_dp import client_level_epsilon, client_noise_multiplier
+
+    cfg = RunConfig.from_flat({"dp.level": "client", "dp.epsilon": 8.0, "dp.delta": 1e-3, "rounds": 15,
+                               "dp.accountant": "rdp"}).validate()
+    z = client_noise_multiplier(cfg)
+    assert 7.5 < client_level_epsilon(z, 15, 1.0, 1e-3, "rdp") <= 8.0
+
+
+@pytest.mark.parametrize("sets,match", [
+    ({"strategy.name": "fedadam"}, "mean of the clipped"),
+    ({"strategy.screen_norm_factor": 3.0}, "screening"),
+])
+def test_client_dp_refuses_rules_its_noise_does_not_cover(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        _client_dp_strategy(**{"dp.noise_multiplier": 1.0, **sets})
