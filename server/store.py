@@ -503,10 +503,19 @@ def _make_engine(url: sa.URL) -> sa.Engine:
     engine = sa.create_engine(url, **kwargs)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
+def _sqlite_begin(conn) -> None:
+    # pysqlite left alone commits DDL on the spot; BEGIN ourselves so that a migration
+    # is one transaction, and BEGIN IMMEDIATE (write lock up front) when asked to
+    immediate = conn.get_execution_options().get("sqlite_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None   # transactions come from _sqlite_begin
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     # WAL: the dashboard reads while the server loop writes

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import time
 
@@ -202,6 +203,28 @@ def test_older_schema_is_migrated(db_url):
         assert store.get_run("run-old")["config"] == {"rounds": 3}
         store.write_round("run-old", make_record(1))
         assert store.last_round("run-old") == 1
+
+
+def _open_and_list(url: str, results) -> None:
+    try:
+        with Store(url) as store:
+            results.put(("ok", store.list_runs()))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        results.put(("error", repr(e)))
+
+
+def test_concurrent_open_of_a_fresh_database(db_url):
+    """The launcher, the ServerApp and the dashboard may open a new database at once:
+    one migrates, the others wait and find it migrated."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_open_and_list, args=(db_url, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes == [("ok", [])] * 3
 
 
 def test_unknown_schema_refused(db_url):

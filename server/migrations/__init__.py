@@ -19,6 +19,7 @@ from fedcare.errors import StoreError
 
 HERE = Path(__file__).resolve().parent
 VERSION_TABLE = "alembic_version"
+MIGRATION_LOCK_KEY = 0x66656463  # "fedc": pg_advisory_xact_lock key held while migrating
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -36,7 +37,7 @@ def head_revision() -> str:
 
 def current_revision(engine: sa.Engine) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
 def upgrade_to_head(engine: sa.Engine, display_url: str) -> None:
@@ -47,19 +48,26 @@ def upgrade_to_head(engine: sa.Engine, display_url: str) -> None:
 def upgrade(engine: sa.Engine, revision: str, display_url: str = "") -> None:
     display_url = display_url or engine.url.render_as_string(hide_password=True)
     script = ScriptDirectory.from_config(alembic_config())
+    target = script.get_current_head() if revision == "head" else revision
     try:
-        current = current_revision(engine)
-        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
-            raise StoreError(
-                f"database {display_url} has schema revision '{current}', which this fedcare does not know "
-                f"(newest known: '{script.get_current_head()}'); upgrade fedcare or use another database")
-        if current == revision or (revision == "head" and current == script.get_current_head()):
+        if _current_or_none(engine) == target:   # the usual case: nothing to do, no lock taken
             return
-        if current is None and _has_tables(engine, ("runs", "rounds")):
-            raise StoreError(f"database {display_url} has fedcare-like tables but no schema revision; "
-                             "use an empty database or one created by fedcare")
-        cfg = alembic_config()
-        with engine.begin() as conn:
+        with engine.connect() as conn, conn.execution_options(sqlite_immediate=True).begin():
+            if conn.dialect.name == "postgresql":
+                # processes opening one database at once migrate one after the other
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            # (SQLite: the store's engine began this transaction with BEGIN IMMEDIATE)
+            current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+            if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+                raise StoreError(
+                    f"database {display_url} has schema revision '{current}', which this fedcare does not know "
+                    f"(newest known: '{script.get_current_head()}'); upgrade fedcare or use another database")
+            if current == target:
+                return
+            if current is None and {"runs", "rounds"} <= set(sa.inspect(conn).get_table_names()):
+                raise StoreError(f"database {display_url} has fedcare-like tables but no schema revision; "
+                                 "use an empty database or one created by fedcare")
+            cfg = alembic_config()
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except (exc.DBAPIError, exc.SQLAlchemyError) as e:
@@ -68,9 +76,11 @@ def upgrade(engine: sa.Engine, revision: str, display_url: str = "") -> None:
                          f"{' '.join(str(orig).split())}") from None
 
 
-def _has_tables(engine: sa.Engine, names: tuple[str, ...]) -> bool:
-    tables = set(sa.inspect(engine).get_table_names())
-    return all(n in tables for n in names)
+def _current_or_none(engine: sa.Engine) -> str | None:
+    try:
+        return current_revision(engine)
+    except exc.SQLAlchemyError:
+        return None
 
 
 def _main(argv: list[str] | None = None) -> None:
