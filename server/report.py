@@ -25,8 +25,8 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
     privacy: {site: {epsilon, run_epsilon, delta, budget, accountant, noise_multiplier,
                      sample_rate, steps}}  ({} without DP)
         from the latest round in which that site reported privacy; ``steps`` is the
-        DP-SGD steps the site took in this run: the sum of its per-round "round_steps"
-        when the site reports them, else its latest "steps",
+        DP-SGD steps the site took in this run: its latest "steps" (the site ledger's
+        total for the run), else the sum of its per-round "round_steps",
     fairness: {<latest non-empty round fairness JSON, as stored>} ({} if none),
     events: [ {time, kind, message, data} ]
 """
@@ -106,23 +106,23 @@ def final_metrics(evaluations: list[dict]) -> dict:
 
 
 def privacy_summary(site_rounds: list[dict]) -> dict[str, dict]:
-    """Per site: PRIVACY_KEYS from its latest round that carried privacy, with
-    ``steps`` = this run's DP-SGD steps (sum of "round_steps", else latest "steps")."""
+    """Per site: PRIVACY_KEYS from its latest round that carried privacy. ``steps`` is
+    the site's own count of this run's DP-SGD steps (its ledger's total, which also
+    covers a round whose reply never arrived); a site that does not send "steps" gets
+    the sum of its per-round "round_steps"."""
     latest: dict[str, dict] = {}
     round_steps: dict[str, float] = defaultdict(float)
-    has_round_steps: set[str] = set()
     for x in sorted(site_rounds, key=lambda x: x["round"]):
         p = x.get("privacy")
         if not p:
             continue
         latest[x["site"]] = p
         if p.get("round_steps") is not None:
-            has_round_steps.add(x["site"])
             round_steps[x["site"]] += float(p["round_steps"])
     out = {}
     for site, p in sorted(latest.items()):
         entry = {k: p.get(k) for k in PRIVACY_KEYS}
-        if site in has_round_steps:
+        if entry["steps"] is None and site in round_steps:
             entry["steps"] = int(round_steps[site])
         out[site] = entry
     return out

@@ -38,7 +38,7 @@ def make_record(rnd: int, *, refused: str | None = None, fairness: dict | None =
             continue
         privacy = {"epsilon": 0.5 * rnd + i, "run_epsilon": 0.5 * rnd, "delta": 1e-5, "budget": 10.0,
                    "accountant": "prv", "noise_multiplier": 1.1, "sample_rate": 0.02,
-                   "steps": 100 * rnd + 7, "round_steps": 100}
+                   "steps": 100 * rnd, "round_steps": 100}
         sites.append(SiteRound(name, ACCEPTED, node_id=100 + i, num_examples=50 + i,
                                train_loss=np.float32(0.7 - 0.1 * rnd), update_bytes=112,
                                duration_s=0.25, metrics={"accuracy": np.float64(0.6)}, privacy=privacy))
@@ -281,10 +281,10 @@ def test_report(store):
     assert set(privacy) == set(SITES)
     for site, entry in privacy.items():
         assert set(entry) == set(PRIVACY_KEYS)
-    # site-2 took part in rounds 1 and 2: privacy from round 2; steps = 2 rounds x 100
+    # site-2 refused round 3: its privacy comes from round 2
     assert privacy["site-2"]["run_epsilon"] == pytest.approx(1.0) and privacy["site-2"]["steps"] == 200
     assert privacy["site-0"]["epsilon"] == pytest.approx(1.5) and privacy["site-0"]["steps"] == 300
-    assert privacy["site-1"]["steps"] == 200 and privacy["site-1"]["accountant"] == "prv"
+    assert privacy["site-1"]["epsilon"] == pytest.approx(2.5) and privacy["site-1"]["accountant"] == "prv"
 
     assert report["fairness"] == fairness       # latest round that has fairness
     assert [e["kind"] for e in report["events"]] == ["started"]
@@ -304,14 +304,21 @@ def test_report_without_dp_or_evaluations(store):
     assert report["rounds"][0]["metrics"]["eval"] == {}
 
 
-def test_report_privacy_without_round_steps(store):
+def test_report_privacy_steps(store):
+    """steps = the site's own run total (covers a round whose reply was lost); without
+    it, the sum of the per-round steps."""
     run_id = store.create_run("heart-disease", "fedavg", CONFIG, "v1")
+    for rnd in (1, 3):   # round 2's replies never arrived, the sites' ledgers counted them
+        store.write_round(run_id, make_record(rnd))
+    assert build_report(store, run_id)["privacy"]["site-0"]["steps"] == 300
+
+    other = store.create_run("heart-disease", "fedavg", CONFIG, "v1")
     for rnd in (1, 2):
         record = make_record(rnd)
         for s in record.sites:
-            s.privacy.pop("round_steps")
-        store.write_round(run_id, record)
-    assert build_report(store, run_id)["privacy"]["site-0"]["steps"] == 207   # the latest "steps"
+            s.privacy.pop("steps")
+        store.write_round(other, record)
+    assert build_report(store, other)["privacy"]["site-0"]["steps"] == 200
 
 
 def test_rejected_update_reason_kept(store):
