@@ -27,6 +27,9 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
         from the latest round in which that site reported privacy; ``steps`` is the
         DP-SGD steps the site took in this run: its latest "steps" (the site ledger's
         total for the run), else the sum of its per-round "round_steps",
+    client_privacy: {epsilon, delta, accountant, noise_multiplier, clipping_norm,
+                     releases, round}  (client-level DP only; {} otherwise): the server
+        accountant's epsilon for a whole site's participation, after the latest release,
     fairness: {<latest non-empty round fairness JSON, as stored>} ({} if none),
     events: [ {time, kind, message, data} ]
 """
@@ -78,6 +81,7 @@ def build_report(store: Store, run_id: str) -> dict:
         rounds_planned=run["rounds_planned"], rounds_done=run["rounds_done"], sites=run["sites"],
         dp=run["dp"], rounds=report_rounds, final=final_metrics(evaluations),
         privacy=privacy_summary(site_rounds),
+        client_privacy=client_privacy_summary(rounds, run["config"]),
         fairness=next((r["fairness"] for r in reversed(rounds) if r["fairness"]), {}),
         events=store.events(run_id),
     )
@@ -126,6 +130,20 @@ def privacy_summary(site_rounds: list[dict]) -> dict[str, dict]:
             entry["steps"] = int(round_steps[site])
         out[site] = entry
     return out
+
+
+def client_privacy_summary(rounds: list[dict], config: dict) -> dict:
+    """Client-level DP (dp.level=client): the server accountant's epsilon after the
+    latest round that released an aggregate ({} otherwise). The strategy reports it in
+    the round metrics as client_epsilon, client_noise_multiplier, client_clipping_norm."""
+    released = [r for r in rounds if r["metrics"].get("client_epsilon") is not None]
+    if not released:
+        return {}
+    last, dp = released[-1]["metrics"], config.get("dp") or {}
+    return dict(epsilon=last["client_epsilon"], delta=dp.get("delta"), accountant=dp.get("accountant"),
+                noise_multiplier=last.get("client_noise_multiplier"),
+                clipping_norm=last.get("client_clipping_norm"), releases=len(released),
+                round=released[-1]["round"])
 
 
 def list_runs(store: Store) -> list[dict]:

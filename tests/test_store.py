@@ -298,7 +298,7 @@ def test_report_without_dp_or_evaluations(store):
         s.privacy = None
     store.write_round(run_id, record)
     report = build_report(store, run_id)
-    assert report["privacy"] == {} and report["fairness"] == {}
+    assert report["privacy"] == {} and report["fairness"] == {} and report["client_privacy"] == {}
     assert report["final"] == {"round": None, "metrics": {}, "per_site": {}, "local_metrics": {},
                                "local_per_site": {}}
     assert report["rounds"][0]["metrics"]["eval"] == {}
@@ -319,6 +319,18 @@ def test_report_privacy_steps(store):
             s.privacy.pop("steps")
         store.write_round(other, record)
     assert build_report(store, other)["privacy"]["site-0"]["steps"] == 200
+
+
+def test_report_client_level_privacy(store):
+    config = {"rounds": 2, "sites": 3, "dp": {"level": "client", "delta": 1e-3, "accountant": "rdp"}}
+    run_id = store.create_run("heart-disease", "fedavg", config, "v1")
+    for rnd, eps in ((1, 4.0), (2, 6.5)):
+        record = make_record(rnd)
+        record.metrics.update(client_epsilon=eps, client_noise_multiplier=1.2, client_clipping_norm=0.5)
+        store.write_round(run_id, record)
+    assert build_report(store, run_id)["client_privacy"] == {
+        "epsilon": 6.5, "delta": 1e-3, "accountant": "rdp", "noise_multiplier": 1.2,
+        "clipping_norm": 0.5, "releases": 2, "round": 2}
 
 
 def test_rejected_update_reason_kept(store):
