@@ -49,21 +49,23 @@ def _json_default(value):
 
 def _print_table(ledger: Path, summary: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console(emoji=False, highlight=False)
     if not summary:
         console.print(f"{ledger}: no DP-SGD rounds recorded yet")
         return
     for ds in summary:
         cap = f"{ds['budget']:g}" if ds["budget"] > 0 else "none"
         left = f"{ds['remaining']:.3f}" if ds["remaining"] is not None else "unlimited"
-        table = Table("run", "rounds", "attempts", "DP-SGD steps", "epsilon (run alone)",
-                      title=(f"dataset {ds['dataset_id']}: epsilon {ds['epsilon']:.3f} spent in total, "
+        table = Table("rounds", "attempts", "DP-SGD steps", "epsilon (run alone)",
+                      title=(f"dataset {escape(ds['dataset_id'])}: epsilon {ds['epsilon']:.3f} spent in total, "
                              f"cap {cap}, left {left} (delta {ds['delta']:g}, {ds['accountant']})"))
+        table.add_column("run", overflow="fold")
         for run in ds["runs"]:
-            table.add_row(run["run_id"], str(run["rounds"]), str(run["attempts"]), str(run["steps"]),
-                          f"{run['epsilon']:.3f}")
+            table.add_row(str(run["rounds"]), str(run["attempts"]), str(run["steps"]),
+                          f"{run['epsilon']:.3f}", escape(run["run_id"]))
         console.print(table)
 
 
