@@ -42,6 +42,7 @@ class LoraConfig:
     target_modules: str = "query,value"   # comma-separated module names
     aggregation: str = "naive"            # naive | ffa | exact
     personalize: str = ""                 # "" | head | lora_B : part each site keeps local
+    base_model: str = ""                  # HF model dir or name for tasks that accept one ("" = bundled)
 
 
 @dataclass
