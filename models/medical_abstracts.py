@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import csv
 import os
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, DataError
 
 from .base import SiteSplit, Task
+from .adapters import attach_lora
 from .data import bundled_dir, dirichlet_partition, seeded_subset, stratified_split, verify_files
 
 CHECKSUMS = {
@@ -138,17 +138,6 @@ def _partition(folder: str, sites: int, alpha: float, test_fraction: float, seed
     return [(train[tr], test[te]) for tr, te in parts]
 
 
-def freeze_lora_a(model: torch.nn.Module) -> None:
-    """FFA-LoRA: A stays at its (shared, seeded) initial value; only B and the head train."""
-    for name, p in model.named_parameters():
-        if "lora_A" in name:
-            p.requires_grad_(False)
-
-
-def lora_targets(cfg: RunConfig) -> list[str]:
-    return [m.strip() for m in cfg.lora.target_modules.split(",") if m.strip()]
-
-
 class MedicalAbstractsTask(Task):
     name = "medical-abstracts"
     sensitive_attributes = ()   # the corpus has no demographics
@@ -174,28 +163,12 @@ class MedicalAbstractsTask(Task):
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
 
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
-
         base = copy.deepcopy(_pretrained_classifier(self.num_classes))
         torch.manual_seed(cfg.seed)  # same head and LoRA init at every site and the server
-        head = base.classifier
-        torch.nn.init.normal_(head.weight, std=base.config.initializer_range)
-        torch.nn.init.zeros_(head.bias)
-        targets = lora_targets(cfg)
-        present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-        unknown = [t for t in targets if t not in present]
-        if unknown or not targets:
-            raise ConfigError(f"lora.target_modules {unknown or targets} not in the model; "
-                              "BERT's attention projections are query,key,value (dense for outputs)")
-        peft_cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                              lora_dropout=cfg.lora.dropout, target_modules=targets,
-                              modules_to_save=["classifier"])
-        with warnings.catch_warnings():  # peft on transformers 5: is_gradient_checkpointing rename
-            warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(base, peft_cfg)
-        if cfg.lora.aggregation == "ffa":
-            freeze_lora_a(model)
-        return model.train()
+        torch.nn.init.normal_(base.classifier.weight, std=base.config.initializer_range)
+        torch.nn.init.zeros_(base.classifier.bias)
+        return attach_lora(base, cfg, modules_to_save=["classifier"], task_type="SEQ_CLS",
+                           hint="BERT's attention projections are query, key, value (dense for outputs)")
 
     def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, y = batch

@@ -1,0 +1,125 @@
+"""BreastMNIST (MedMNIST v2): 28x28 breast ultrasound, malignant (0) vs benign/normal (1),
+classified by the ImageNet EfficientNet-Lite0 with LoRA on its 1x1 convolutions and a
+trained head. The official train and test splits are spread over virtual hospitals with a
+seeded Dirichlet label skew (the official validation split is not used)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError, DataError
+
+from .base import SiteSplit, Task
+from .adapters import attach_lora
+from .data import bundled_dir, dirichlet_partition, seeded_subset, verify_files
+from .efficientnet_lite import FEATURES, pretrained_lite0
+
+CHECKSUMS = {"breastmnist.npz": "098de56cd2d92ef2f7170e6153c02849"}
+IMAGE_SIZE = 64              # 28x28 is upsampled to this (a multiple of 32); 96/128 cost more CPU
+MIN_TEST_PER_SITE = 4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@lru_cache(maxsize=4)
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as a MedMNIST .npz file: {exc}") from None
+    for split in ("train", "test"):
+        images, labels = arrays.get(f"{split}_images"), arrays.get(f"{split}_labels")
+        if images is None or labels is None:
+            raise DataError(f"{path} must hold {split}_images and {split}_labels (MedMNIST layout)")
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or len(labels.reshape(-1)) != len(images):
+            raise DataError(f"{path}: {split}_images must be [N, 28, 28] with N labels, "
+                            f"got {images.shape} and {labels.shape}")
+        if not set(np.unique(labels)) <= {0, 1}:
+            raise DataError(f"{path}: {split}_labels must be 0 (malignant) or 1 (benign/normal)")
+        arrays[f"{split}_labels"] = labels.reshape(-1).astype(np.int64)
+    return arrays
+
+
+def npz_path(cfg: RunConfig) -> Path:
+    if cfg.data.path:
+        folder = Path(cfg.data.path)
+        files = [folder] if folder.is_file() else sorted(folder.glob("*.npz")) if folder.is_dir() else []
+        if len(files) != 1:
+            raise DataError(f"data.path {folder} must hold exactly one MedMNIST-format .npz file; found {len(files)}")
+        return files[0]
+    folder = bundled_dir("breastmnist")
+    verify_files(folder, CHECKSUMS)
+    return folder / "breastmnist.npz"
+
+
+@lru_cache(maxsize=8)
+def _partition(path: str, sites: int, alpha: float, seed: int):
+    arrays = load_npz(path)
+    return dirichlet_partition(arrays["train_labels"], arrays["test_labels"], sites, alpha, seed,
+                               min_test=MIN_TEST_PER_SITE)
+
+
+class UltrasoundClassifier(nn.Module):
+    """Grey 28x28 in [0, 1] -> 3-channel, upsampled, ImageNet-normalised -> backbone -> 2 logits."""
+
+    def __init__(self, backbone: nn.Module, image_size: int = IMAGE_SIZE, num_classes: int = 2):
+        super().__init__()
+        if image_size % 32:
+            raise ConfigError(f"image size {image_size} must be a multiple of 32")
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.backbone = backbone
+        self.backbone._fc = nn.Linear(FEATURES, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return self.backbone(x)
+
+
+class BreastMnistTask(Task):
+    name = "breastmnist"
+    sensitive_attributes = ()
+    num_classes = 2
+    primary_metric = "auroc"
+    defaults = {"train.batch_size": 16, "train.lr": 1e-3, "train.local_steps": 10, "train.optimizer": "adam",
+                "sites": 4, "lora.target_modules": "_expand_conv,_project_conv,_conv_head"}
+
+    def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        path = str(npz_path(cfg).resolve())
+        sites = self.site_ids(cfg)
+        if site_id not in sites:
+            raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
+        k = sites.index(site_id)
+        train, test = _partition(path, cfg.sites, cfg.data.dirichlet_alpha, cfg.seed)[k]
+        train = seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k)
+        test = seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k)
+        arrays = load_npz(path)
+
+        def tensors(split: str, idx: np.ndarray) -> TensorDataset:
+            images = torch.tensor(arrays[f"{split}_images"][idx], dtype=torch.float32).unsqueeze(1) / 255.0
+            return TensorDataset(images, torch.tensor(arrays[f"{split}_labels"][idx]))
+
+        return SiteSplit(site_id=site_id, train=tensors("train", train), test=tensors("test", test))
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        torch.manual_seed(cfg.seed)  # same head and LoRA init at every site and the server
+        model = UltrasoundClassifier(pretrained_lite0())
+        return attach_lora(model, cfg, modules_to_save=["_fc"], allowed=nn.Conv2d,
+                           hint="EfficientNet-Lite0's convolutions are _expand_conv, _project_conv, "
+                                "_conv_head (pointwise), _depthwise_conv, _conv_stem")
+
+    def batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    def predict(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
+        x, y = batch
+        return torch.softmax(model(x).float(), -1).cpu().numpy(), y.cpu().numpy()
