@@ -82,8 +82,8 @@ class Site:
         if self.node_config.get("dataset-id"):
             return str(self.node_config["dataset-id"])
         if self.cfg.data.path:
-            return f"{self.task.name}:{Path(self.cfg.data.path).resolve()}"
-        return f"{self.task.name}:{self.site_id}"
+            return f"{self.task.name}/{Path(self.cfg.data.path).resolve()}"
+        return f"{self.task.name}/{self.site_id}"
 
     @property
     def lora_rank(self) -> int | None:

@@ -1,6 +1,9 @@
 """fedcare's ServerApp: read the run configuration and hand it to the federation loop."""
 from __future__ import annotations
 
+import logging
+import sys
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -9,6 +12,7 @@ from fedcare.config import RunConfig
 from .federation import run_federation
 
 app = ServerApp()
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @app.main()
