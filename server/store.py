@@ -247,6 +247,8 @@ class Store:
             raise StoreError(f"cannot connect to database {url!r}: not a database URL "
                              "(expected e.g. sqlite:///fedcare.db or "
                              "postgresql+psycopg://user@host:5432/db)") from None
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")  # the driver fedcare installs
         self.display_url = parsed.render_as_string(hide_password=True)
         try:
             self.engine = _make_engine(parsed)

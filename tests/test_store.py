@@ -187,6 +187,14 @@ def test_bad_url(url):
     assert "s3cret" not in msg
 
 
+@pytest.mark.postgres
+def test_plain_postgresql_url_uses_psycopg(postgres_url):
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with Store(plain) as store:
+        assert store.engine.dialect.driver == "psycopg"
+        assert store.list_runs() == []
+
+
 def test_older_schema_is_migrated(db_url):
     engine = sa.create_engine(db_url)
     migrations.upgrade(engine, "0001")
