@@ -1,8 +1,12 @@
 """Benchmark: LoRA aggregation modes (naive | ffa | exact) and q-FedAvg vs FedAvg on
 medical-abstracts, against pooled training (the limit) and each site alone.
 
-Federated runs go through the real pipeline: ``fedcare simulate ... --db URL`` as a
-subprocess, results read back with ``fedcare report RUN --db URL --json``. Baselines
+Federated runs go through the real ServerApp loop and ClientApp handlers and land in a
+SQL store; results are read back as the run report (``fedcare report RUN --json``).
+Two engines: ``--engine inprocess`` (default; bench/common.py's in-process grid: same
+Flower messages, no SuperLink/Ray start-up, which times out on an overloaded machine)
+and ``--engine simulate`` (``fedcare simulate ... --db URL`` subprocesses, then
+``fedcare report RUN --db URL --json``). Baselines
 train in-process with ``fedcare.models.training`` on the same data subset and the same
 number of optimiser steps (pooled: rounds x local_steps x sites; alone: rounds x
 local_steps per site). Baselines are without DP.
@@ -18,8 +22,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -79,20 +85,63 @@ def fedcare_cmd() -> list[str]:
 
 
 def run_federated(sc: Scenario, args, db: str) -> dict:
+    if args.engine == "inprocess":
+        return run_inprocess(sc, args, db)
+    return run_simulate(sc, args, db)
+
+
+def run_inprocess(sc: Scenario, args, db: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import run_federated as federate
+
+    from fedcare.launch import default_ledger_dir, resolve_config
+
+    t0 = time.time()
+    try:
+        cfg = resolve_config(TASK, scenario_sets(sc, args), sites=sc.sites, rounds=args.rounds,
+                             seed=args.seed, **{"strategy.name": sc.strategy})
+        cfg.site.ledger_dir = default_ledger_dir("bench")
+        report = federate(cfg, db)
+    except Exception as err:  # one failed scenario must not lose the others
+        return {"scenario": asdict(sc), "error": f"{type(err).__name__}: {err}", "wall_s": time.time() - t0}
+    return {"scenario": asdict(sc), "run_id": report["run_id"], "wall_s": time.time() - t0, "report": report}
+
+
+def run_simulate(sc: Scenario, args, db: str) -> dict:
     cmd = fedcare_cmd() + ["simulate", "--task", TASK, "--sites", str(sc.sites), "--rounds", str(args.rounds),
                            "--strategy", sc.strategy, "--seed", str(args.seed), "--db", db, "--quiet"]
     for s in scenario_sets(sc, args):
         cmd += ["--set", s]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        stop_tree(proc)
+        return {"scenario": asdict(sc), "error": f"timed out after {args.timeout:g} s", "wall_s": time.time() - t0}
     wall = time.time() - t0
-    m = re.search(r"^run (\S+):", proc.stdout, re.M)
+    m = re.search(r"^run (\S+):", stdout, re.M)
     if proc.returncode != 0 or not m:
-        return {"scenario": asdict(sc), "error": (proc.stderr or proc.stdout).strip()[-2000:], "wall_s": wall}
+        return {"scenario": asdict(sc), "error": (stderr or stdout).strip()[-2000:], "wall_s": wall}
     run_id = m.group(1)
     rep = subprocess.run(fedcare_cmd() + ["report", run_id, "--db", db, "--json"],
                          capture_output=True, text=True, timeout=600, check=True)
     return {"scenario": asdict(sc), "run_id": run_id, "wall_s": wall, "report": json.loads(rep.stdout)}
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Ctrl-C to ``fedcare simulate`` (it stops its SuperLink and Flower run), then
+    kill its whole process group if it is still there."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def summarise(result: dict, pooled_accuracy: float | None) -> dict:
@@ -232,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--db", help="store URL (default: a fresh SQLite file in a temporary folder)")
     p.add_argument("--out", type=Path, default=RESULTS / "lora_strategies.json")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per federated run")
+    p.add_argument("--engine", choices=("inprocess", "simulate"), default="inprocess")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per federated run (simulate engine)")
     args = p.parse_args(argv)
     quick_defaults = dict(rounds=2, local_steps=3, max_train=32, max_test=32)
     full_defaults = dict(rounds=10, local_steps=20, max_train=400, max_test=200)
@@ -259,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("pooled", "alone"):
             rows.append({"group": key, "label": f"baseline: {name}", **{k: v for k, v in b[name].items() if k != "per_site"},
                          "wall_s": b["wall_s"]})
-    out = {"task": TASK, "quick": args.quick, "db": db,
+    out = {"task": TASK, "quick": args.quick, "db": db, "engine": args.engine,
            "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank", "seed")},
            "rows": rows, "baselines": base}
     args.out.parent.mkdir(parents=True, exist_ok=True)
