@@ -39,7 +39,7 @@ def train(msg: Message, context: Context) -> Message:
             policy.check(site.cfg, app_identity(), len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
-        _load_global(site, model, msg, context)
+        received = _load_global(site, model, msg, context)
         from .ledger import SiteLedger
         from .training import train_on_site
 
@@ -55,7 +55,6 @@ def train(msg: Message, context: Context) -> Message:
 
     state = get_trainable_state(model)
     shared = _shared_part(site, state, context)
-    received = from_array_record(msg.content[S.ARRAYS])
     shared = faults.corrupt_update(site.cfg.faults, site.site_id, shared, received, site.cfg.seed + rnd)
     metrics = MetricRecord({
         S.NUM_EXAMPLES: outcome.result.num_examples,
@@ -140,14 +139,21 @@ def _shared_part(site: Site, state, context: Context):
     return {k: v for k, v in state.items() if k not in personal}
 
 
-def _load_global(site: Site, model, msg: Message, context: Context, personal: bool = True) -> None:
-    """Global shared state from the server; the site's own personal part on top."""
+def _load_global(site: Site, model, msg: Message, context: Context, personal: bool = True) -> dict:
+    """Load the global shared state from the server (fitted to this site's LoRA rank),
+    the site's own personal part on top; returns the global state as loaded."""
     state = dict(from_array_record(msg.content[S.ARRAYS]))
+    if site.lora_rank:
+        from fedcare.strategies.hetero import state_for_site_rank
+
+        state = state_for_site_rank(state, site.lora_rank, site.cfg)
+    received = dict(state)
     if personal:
         local = _personal_state(context)
         if local:
             state.update(local)
     set_trainable_state(model, state, strict=False)
+    return received
 
 
 def _digest(state) -> str:

@@ -87,7 +87,14 @@ class Site:
 
     @property
     def lora_rank(self) -> int | None:
-        return int(self.node_config["lora-rank"]) if self.node_config.get("lora-rank") else None
+        """The LoRA rank this site can afford: node config ``lora-rank`` (deployment)
+        or ``lora.site_ranks`` by partition (simulation); None = the run's lora.r."""
+        if self.node_config.get("lora-rank"):
+            return int(self.node_config["lora-rank"])
+        ranks = self.cfg.lora_site_ranks
+        if ranks and "partition-id" in self.node_config:
+            return ranks[int(self.node_config["partition-id"]) % len(ranks)]
+        return None
 
     # ------------------------------------------------------------- cached parts
     def split(self) -> SiteSplit:

@@ -42,6 +42,7 @@ class LoraConfig:
     target_modules: str = "query,value"   # comma-separated module names
     aggregation: str = "naive"            # naive | ffa | exact
     personalize: str = ""                 # "" | head | lora_B : part each site keeps local
+    site_ranks: str = ""                  # simulation: rank per virtual site, e.g. "4,8,16,8" ("" = all lora.r)
     base_model: str = ""                  # HF model dir or name for tasks that accept one ("" = bundled)
 
 
@@ -199,6 +200,11 @@ class RunConfig:
         need(self.lora.r >= 1, "lora.r must be at least 1")
         need(self.lora.aggregation in ("naive", "ffa", "exact"), "lora.aggregation must be naive, ffa or exact")
         need(self.lora.personalize in ("", "head", "lora_B"), "lora.personalize must be '', head or lora_B")
+        try:
+            ranks = self.lora_site_ranks
+        except ValueError:
+            raise ConfigError(f"lora.site_ranks must be comma-separated integers, got '{self.lora.site_ranks}'") from None
+        need(all(r >= 1 for r in ranks), "lora.site_ranks must all be at least 1")
         dp = self.dp
         if dp.level == "none" and (dp.epsilon > 0 or dp.noise_multiplier > 0):
             dp.level = "sample"  # asking for an epsilon or a noise level means DP is on
@@ -216,6 +222,10 @@ class RunConfig:
         need(self.faults.kind in ("", "nan", "shape", "scale", "sign", "random", "crash", "hang"),
              "faults.kind must be one of nan, shape, scale, sign, random, crash, hang")
         return self
+
+    @property
+    def lora_site_ranks(self) -> list[int]:
+        return [int(x) for x in self.lora.site_ranks.split(",") if x.strip()]
 
     @property
     def dp_enabled(self) -> bool:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -139,4 +138,4 @@ def stop(proc: subprocess.Popen) -> None:
     _stop(proc)
 
 
-__all__ = ["simulation_superlink", "flwr_run", "workdir_for", "stop", "free_port", "app_dir", "sys"]
+

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .config import RunConfig
-from .errors import ConfigError, FedcareError
+from .errors import ConfigError
 
 console = Console(stderr=True)
 
@@ -93,14 +93,12 @@ def follow(store, run_id: str, cfg: RunConfig, proc, log_path: Path, quiet: bool
 
 
 def _round_info(store, run_id: str) -> str:
-    from .server.report import build_report
-
-    try:
-        rounds = build_report(store, run_id)["rounds"]
-    except FedcareError:
+    """The latest round's global test accuracy, for the progress line."""
+    last = store.last_round(run_id)
+    if not last:
         return ""
-    if not rounds:
-        return ""
-    ev = rounds[-1].get("metrics", {}).get("eval", {})
-    acc = ev.get("accuracy")
-    return f"accuracy {acc:.3f}" if isinstance(acc, (int, float)) else ""
+    for e in store.evaluations(run_id, round=last):
+        if e["scope"] == "global" and e.get("kind", "federated") == "federated":
+            acc = e["metrics"].get("accuracy")
+            return f"accuracy {acc:.3f}" if isinstance(acc, (int, float)) else ""
+    return ""

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedcare import __version__, schemas as S
@@ -51,6 +50,7 @@ class Federation:
         from fedcare.strategies.registry import build_strategy
 
         self.grid, self.cfg, self.store, self.run_id = grid, cfg, store, run_id
+        self.node_ranks: dict[int, int] = {}
         self.task = get_task(cfg.task)
         self.strategy = build_strategy(cfg, self.task)
         if cfg.dp.level == "client":
@@ -82,6 +82,7 @@ class Federation:
         timeout = cfg.strategy.round_timeout
         shared = self._shared(state)
         msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord(), self.grid))
+        self._fit_ranks(msgs, shared)
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
         sites, accepted_msgs = self._screen(msgs, replies, shared)
         metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs))}
@@ -111,6 +112,18 @@ class Federation:
         return state
 
     # -------------------------------------------------------------- helpers
+    def _fit_ranks(self, msgs: list[Message], shared: dict[str, np.ndarray]) -> None:
+        """Send each site whose LoRA rank is known (from its earlier replies) the global
+        state at its own rank; the others get the global rank and fit it themselves."""
+        from fedcare.strategies.hetero import per_site_arrays
+
+        for m in msgs:
+            rank = self.node_ranks.get(m.metadata.dst_node_id)
+            if rank:  # a RecordDict of its own: the strategy shares one across messages
+                records = dict(m.content.items())
+                records[S.ARRAYS] = to_array_record(per_site_arrays(self.strategy, shared, rank))
+                m.content = RecordDict(records)
+
     def _shared(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.cfg.lora.personalize:
             return state
@@ -160,14 +173,17 @@ class Federation:
                 duration_s=_f(metrics.get(S.DURATION_S)), privacy=privacy,
                 metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
             )
+            if "lora_rank" in info:
+                self.node_ranks[node] = int(info["lora_rank"])
             arrays = reply.content.array_records.get(S.ARRAYS)
             update = from_array_record(arrays) if arrays is not None else {}
             candidates.append((site_id, update, row.num_examples))
             msg_of[site_id] = reply
             sites.append(row)
         expected = {k: (v.shape, str(v.dtype)) for k, v in shared.items()}
+        hetero = self.task.uses_lora and self.cfg.lora.aggregation != "ffa"
         accepted, rejected = screen_updates(expected, candidates, self.cfg.strategy.screen_norm_factor,
-                                            global_state=shared)
+                                            global_state=shared, allow_lower_rank=hetero)
         for row in sites:
             if row.site in rejected:
                 row.status, row.reason = S.REJECTED, rejected[row.site]

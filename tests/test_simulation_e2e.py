@@ -31,11 +31,14 @@ def test_heart_disease_three_rounds_with_a_poisoned_site(tmp_path):
     assert not simulation_superlinks() - before, "simulate left a SuperLink running"
 
 
-def test_medical_abstracts_lora_updates_are_a_small_fraction_of_the_model(tmp_path):
+def test_medical_abstracts_lora_with_heterogeneous_ranks(tmp_path):
+    """LoRA updates are a small fraction of the model; sites of rank 4 and 8 federate
+    through exact (SVD) aggregation and each sends an update of its own rank."""
     db = f"sqlite:///{tmp_path}/fed.db"
     _, rep = simulate(db, "--task", "medical-abstracts", "--sites", "4", "--rounds", "2",
                       "--set", "data.max_train_per_site=24", "--set", "data.max_test_per_site=12",
-                      "--set", "train.local_steps=2", "--set", "train.batch_size=8")
+                      "--set", "train.local_steps=2", "--set", "train.batch_size=8",
+                      "--set", "lora.site_ranks=4,8,8,4", "--set", "lora.aggregation=exact")
     assert len(rep["rounds"]) == 2
     from fedcare.config import RunConfig
     from fedcare.models.registry import get_task
@@ -47,6 +50,11 @@ def test_medical_abstracts_lora_updates_are_a_small_fraction_of_the_model(tmp_pa
         for s in r["sites"]:
             assert 0 < s["update_bytes"] < 0.05 * model_bytes
     assert "accuracy" in rep["final"]["metrics"] and "macro_f1" in rep["final"]["metrics"]
+    for r in rep["rounds"]:
+        sizes = {s["site"]: s["update_bytes"] for s in r["sites"]}
+        assert sizes["site-0"] == sizes["site-3"] < sizes["site-1"] == sizes["site-2"]
+        assert (r["metrics"]["lora_rank_min"], r["metrics"]["lora_rank_max"]) == (4.0, 8.0)
+        assert 0 <= r["metrics"]["svd_rel_error"] < 1
 
 
 def test_bad_input_leaves_nothing_half_written(tmp_path):
