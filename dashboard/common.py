@@ -51,6 +51,36 @@ def runs_table(engine) -> pd.DataFrame:
     return q.list_runs(engine)
 
 
+@st.cache_data(show_spinner=False, max_entries=512)
+def _cached(url: str, name: str, stamp: tuple, args: tuple, kwargs: tuple):
+    return getattr(q, name)(_engine(url), *args, **dict(kwargs))
+
+
+class CachedQueries:
+    """``fedcare.server.queries`` with results cached until the store changes: the
+    stamp is every run's (status, rounds stored, end time), plus the refresh period
+    while a run is live. ``data.site_totals(run_id)`` = ``q.site_totals(engine, run_id)``."""
+
+    def __init__(self, url: str, stamp: tuple):
+        self._url, self._stamp = url, stamp
+
+    def __getattr__(self, name: str):
+        if not callable(getattr(q, name, None)):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: _cached(self._url, name, self._stamp, args, tuple(sorted(kwargs.items())))
+
+
+def data(engine) -> CachedQueries:
+    import time
+
+    runs = runs_table(engine)
+    stamp = tuple(runs[["run_id", "status", "rounds_done", "ended_at", "last_round_at"]]
+                  .astype(str).itertuples(index=False, name=None))
+    if runs["status"].isin(LIVE_STATUSES).any():
+        stamp += (int(time.time() // REFRESH_S),)
+    return CachedQueries(db_url(), stamp)
+
+
 def sidebar_selection(engine) -> None:
     """The run every page shows and the runs to compare with it (sidebar widgets)."""
     runs = runs_table(engine)

@@ -147,7 +147,7 @@ def global_metric(engine: sa.Engine, run_ids: Iterable[str], metric: str, max_po
 
 
 def site_metric(engine: sa.Engine, run_id: str, metric: str, kind: str = FEDERATED,
-                max_points: int = 200) -> pd.DataFrame:
+                max_points: int = 100) -> pd.DataFrame:
     """Per-site evaluation ``metric`` per round: site, round, value."""
     where = sa.and_(EvaluationRow.run_id == run_id, EvaluationRow.scope != GLOBAL, EvaluationRow.kind == kind)
     step = _bucket_size(engine, EvaluationRow.round, where, max_points)
@@ -158,7 +158,7 @@ def site_metric(engine: sa.Engine, run_id: str, metric: str, kind: str = FEDERAT
     return _frame(engine, stmt)
 
 
-def train_loss(engine: sa.Engine, run_id: str, max_points: int = 200) -> pd.DataFrame:
+def train_loss(engine: sa.Engine, run_id: str, max_points: int = 100) -> pd.DataFrame:
     """Accepted updates' train loss per round: site, round, train_loss."""
     return site_series(engine, run_id, "train_loss", max_points, accepted_only=True)
 
@@ -180,7 +180,7 @@ _SITE_COLUMNS = {"num_examples": SiteRoundRow.num_examples, "update_bytes": Site
                  "epsilon": SiteRoundRow.epsilon, "run_epsilon": SiteRoundRow.run_epsilon}
 
 
-def site_series(engine: sa.Engine, run_id: str, column: str, max_points: int = 200,
+def site_series(engine: sa.Engine, run_id: str, column: str, max_points: int = 100,
                 accepted_only: bool = False) -> pd.DataFrame:
     """One site-round column per site per round bucket: site, round, <column> (mean)."""
     col = _SITE_COLUMNS[column]
@@ -267,7 +267,7 @@ def privacy_by_site(engine: sa.Engine, run_id: str) -> pd.DataFrame:
     return _frame(engine, stmt)
 
 
-def privacy_series(engine: sa.Engine, run_id: str, max_points: int = 200) -> pd.DataFrame:
+def privacy_series(engine: sa.Engine, run_id: str, max_points: int = 100) -> pd.DataFrame:
     """site, round, epsilon, run_epsilon, budget (max within each round bucket)."""
     where = sa.and_(SiteRoundRow.run_id == run_id, SiteRoundRow.epsilon.is_not(None))
     step = _bucket_size(engine, SiteRoundRow.round, where, max_points)

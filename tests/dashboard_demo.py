@@ -195,7 +195,7 @@ def build_demo_store(url: str) -> dict[str, str]:
     with Store(url) as store:
         ids = {
             "plain": write_run(store, "heart-disease", heart, 12),
-            "eps1": write_run(store, "heart-disease", heart, 12, epsilon=1.0, budget=1.2),
+            "eps1": write_run(store, "heart-disease", heart, 12, epsilon=1.0, budget=1.2, reject_round=4),
             "eps8": write_run(store, "heart-disease", heart, 12, epsilon=8.0),
             "abstracts": write_run(store, "medical-abstracts", abstracts, 6, rounds_planned=6),
             "live": write_run(store, "heart-disease", heart, 5, strategy="fedprox", rounds_planned=12,

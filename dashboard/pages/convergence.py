@@ -11,26 +11,27 @@ common.header("Convergence", run)
 
 
 def body() -> None:
-    names = q.metric_names(engine, run["run_id"])
+    data = common.data(engine)
+    names = data.metric_names(run["run_id"])
     if not names:
         st.info(f"Run {run['run_id']} has no evaluation yet: curves appear after its first evaluated round.")
         return
     metric = st.selectbox("Metric", names, index=names.index("accuracy") if "accuracy" in names else 0, key="conv_metric")
     compared = common.compared_runs()
-    series = q.global_metric(engine, compared, metric)
+    series = data.global_metric(compared, metric)
     series["curve"] = series["run_id"] + " · " + series["kind"]
     fig = px.line(series, x="round", y="value", color="run_id", line_dash="kind", markers=len(series) < 200,
                   title=f"Global {metric} (test splits, weighted by examples)", labels={"value": metric})
     common.plot(fig, key="conv_global")
 
-    kinds = q.evaluation_kinds(engine, run["run_id"])
-    per_site = q.site_metric(engine, run["run_id"], metric, q.FEDERATED)
+    kinds = data.evaluation_kinds(run["run_id"])
+    per_site = data.site_metric(run["run_id"], metric, q.FEDERATED)
     fig = px.line(per_site, x="round", y="value", color="site", markers=len(per_site) < 200,
                   title=f"{metric} of the global model on each site's test split", labels={"value": metric})
     common.plot(fig, key="conv_sites")
 
     if q.LOCAL in kinds:
-        final = q.final_site_metrics(engine, run["run_id"], metric)
+        final = data.final_site_metrics(run["run_id"], metric)
         final = final[final["scope"] != q.GLOBAL]
         fig = px.bar(final, x="scope", y="value", color="kind", barmode="group",
                      title=f"Local (personalised) vs global model: {metric} at the latest round",
@@ -39,7 +40,7 @@ def body() -> None:
     else:
         st.caption("This run has no personalised (local) models, so there is no local-vs-global view.")
 
-    loss = q.train_loss(engine, run["run_id"])
+    loss = data.train_loss(run["run_id"])
     if not loss.empty and loss["train_loss"].notna().any():
         fig = px.line(loss, x="round", y="train_loss", color="site", title="Training loss of accepted updates")
         common.plot(fig, key="conv_loss")

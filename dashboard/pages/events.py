@@ -1,6 +1,8 @@
 """Events: what happened to the run (starts, resumes, refusals, failures)."""
 import json
 
+import pandas as pd
+import plotly.express as px
 import streamlit as st
 
 from fedcare.dashboard import common
@@ -13,7 +15,8 @@ LIMIT = 500
 
 
 def body() -> None:
-    counts = q.event_counts(engine, run["run_id"])
+    data = common.data(engine)
+    counts = data.event_counts(run["run_id"])
     if counts.empty:
         st.info(f"Run {run['run_id']} has no events yet.")
         return
@@ -22,9 +25,12 @@ def body() -> None:
         col.metric(row.kind, int(row.count))
     if run.get("message"):
         (st.error if run["status"] == "failed" else st.info)(f"{run['status']}: {run['message']}")
-    events = q.events(engine, run["run_id"], limit=LIMIT)
-    events["time"] = events["time"].map(common.when)
+    events = data.events(run["run_id"], limit=LIMIT)
+    events["time"] = pd.to_datetime(events["time"], unit="s", utc=True)
     events["data"] = events["data"].map(lambda d: json.dumps(d) if d else "")
+    fig = px.scatter(events, x="time", y="kind", hover_data=["message"], color="kind", title="Events over time")
+    fig.update_traces(marker=dict(size=12))
+    common.plot(fig, key="events_timeline")
     st.dataframe(events[["time", "kind", "message", "data"]], hide_index=True)
     if int(counts["count"].sum()) > LIMIT:
         st.caption(f"The latest {LIMIT} of {int(counts['count'].sum())} events.")

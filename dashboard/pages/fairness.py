@@ -13,7 +13,8 @@ METRICS = ["accuracy", "tpr", "fpr", "selection_rate", "auroc", "ece"]
 
 
 def body() -> None:
-    latest = q.fairness_latest(engine, run["run_id"])
+    data = common.data(engine)
+    latest = data.fairness_latest(run["run_id"])
     if latest is None:
         st.info(f"Run {run['run_id']} has no fairness numbers yet: they come with the first evaluated round "
                 "(sites report per-group counts on their test splits).")
@@ -28,12 +29,12 @@ def body() -> None:
                    "compared below.")
     attribute = st.radio("Attribute", list(groups), horizontal=True, key="fair_attribute") if groups else None
     if attribute:
-        attribute_view(attribute, groups[attribute], fairness[attribute], rnd)
+        attribute_view(data, attribute, groups[attribute], fairness[attribute], rnd)
     site_view(fairness.get("by_site", {}), rnd)
-    epsilon_view()
+    epsilon_view(data)
 
 
-def attribute_view(attribute: str, names: list[str], summary: dict, rnd: int) -> None:
+def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: int) -> None:
     st.subheader(f"{attribute}: groups at round {rnd}")
     cols = st.columns(3)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -56,14 +57,16 @@ def attribute_view(attribute: str, names: list[str], summary: dict, rnd: int) ->
     st.caption(f"Worst group (lowest accuracy) highlighted: **{worst}**. Groups smaller than a site's threshold "
                "are suppressed at that site and contribute nothing from it.")
     metric = st.selectbox("Group metric over rounds", METRICS, key="fair_metric")
-    series = q.fairness_series(engine, run["run_id"], attribute, names, metric)
+    series = data.fairness_series(run["run_id"], attribute, names, metric)
     present = [g for g in names if g in series and series[g].notna().any()]
     if present:
         long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
         fig = px.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
                       title=f"{metric} per {attribute} group")
         common.plot(fig, key="fair_groups")
-    diffs = series.melt(id_vars="round", value_vars=list(q.ATTRIBUTE_SUMMARY), var_name="measure")
+    gaps = {"demographic_parity_difference": "demographic parity difference",
+            "equalized_odds_difference": "equalized odds difference", "site_gap": "best - worst site accuracy"}
+    diffs = series.rename(columns=gaps).melt(id_vars="round", value_vars=list(gaps.values()), var_name="measure")
     fig = px.line(diffs, x="round", y="value", color="measure", title=f"{attribute}: differences over rounds")
     common.plot(fig, key="fair_diffs")
 
@@ -88,8 +91,8 @@ def site_view(by_site: dict, rnd: int) -> None:
     common.plot(fig, key="fair_sites")
 
 
-def epsilon_view() -> None:
-    siblings = q.epsilon_siblings(engine, run["run_id"])
+def epsilon_view(data) -> None:
+    siblings = data.epsilon_siblings(run["run_id"])
     if siblings.empty:
         st.caption("No other run of this experiment with different DP settings in the store.")
         return

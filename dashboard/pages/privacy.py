@@ -12,7 +12,8 @@ common.header("Privacy", run)
 
 
 def body() -> None:
-    by_site = q.privacy_by_site(engine, run["run_id"])
+    data = common.data(engine)
+    by_site = data.privacy_by_site(run["run_id"])
     if by_site.empty:
         st.info(f"Run {run['run_id']} has no completed round yet.")
         return
@@ -38,11 +39,11 @@ def body() -> None:
     if dp["budget"].notna().any():
         fig.add_scatter(x=dp["site"], y=dp["budget"], mode="markers", name="budget",
                         marker=dict(symbol="line-ew-open", size=40, line=dict(width=3, color="#c62828")))
-    fig.update_layout(barmode="group", title="Epsilon per site (delta as reported) against its budget",
+    fig.update_layout(barmode="group", title="Epsilon spent per site against its budget",
                       yaxis_title="epsilon")
     common.plot(fig, key="privacy_sites")
 
-    series = q.privacy_series(engine, run["run_id"])
+    series = data.privacy_series(run["run_id"])
     fig = px.line(series, x="round", y="epsilon", color="site", markers=len(series) < 200,
                   title="Lifetime epsilon after each round")
     budgets = dp["budget"].dropna().unique()

@@ -11,7 +11,8 @@ common.header("Runs", run)
 
 
 def body() -> None:
-    runs = q.list_runs(engine)
+    data = common.data(engine)
+    runs = data.list_runs()
     table = runs.assign(
         rounds=runs["rounds_done"].astype(str) + " / " + runs["rounds_planned"].fillna(0).astype(int).astype(str),
         sites=runs["sites_seen"].astype(str) + " / " + runs["sites_planned"].fillna(0).astype(int).astype(str),
@@ -21,25 +22,30 @@ def body() -> None:
     st.caption("Pick the run to show in the sidebar; add runs under *Compare with* to overlay them here and on "
                "the Convergence page.")
 
-    names = q.metric_names(engine, run["run_id"])
+    names = data.metric_names(run["run_id"])
     if not names:
         st.info(f"Run {run['run_id']} has no evaluation yet: metrics appear after its first round.")
         return
-    final = q.final_site_metrics(engine, run["run_id"], "accuracy" if "accuracy" in names else names[0])
+    final_metric = "accuracy" if "accuracy" in names else names[0]
+    final = data.final_site_metrics(run["run_id"], final_metric)
     cols = st.columns(4)
     cols[0].metric("Rounds", f"{run_rounds(runs)} / {run['rounds_planned'] or '?'}")
     glob = final[(final["scope"] == q.GLOBAL) & (final["kind"] == q.FEDERATED)]
     sites = final[(final["scope"] != q.GLOBAL) & (final["kind"] == q.FEDERATED)]
     cols[1].metric("Sites evaluated", len(sites))
     if not glob.empty:
-        cols[2].metric(f"Global {'accuracy' if 'accuracy' in names else names[0]}", f"{glob['value'].iloc[0]:.3f}")
+        cols[2].metric(f"Global {final_metric}", f"{glob['value'].iloc[0]:.3f}")
     if not sites.empty:
         worst = sites.loc[sites["value"].idxmin()]
-        cols[3].metric("Worst site", f"{worst['value']:.3f}", help=f"{worst['scope']}")
+        cols[3].metric(f"Worst site: {worst['scope']}", f"{worst['value']:.3f}")
+        fig = px.bar(final[final["scope"] != q.GLOBAL], x="scope", y="value", color="kind", barmode="group",
+                     title=f"Latest round, per site (test splits): {final_metric}",
+                     labels={"scope": "site", "value": final_metric})
+        common.plot(fig, key="runs_sites")
 
     metric = st.selectbox("Metric", names, index=names.index("accuracy") if "accuracy" in names else 0, key="runs_metric")
     compared = common.compared_runs()
-    series = q.global_metric(engine, compared, metric)
+    series = data.global_metric(compared, metric)
     series = series[series["kind"] == q.FEDERATED]
     fig = px.line(series, x="round", y="value", color="run_id", markers=len(series) < 200,
                   title=f"Global {metric} per round" + (" (compared runs)" if len(compared) > 1 else ""),

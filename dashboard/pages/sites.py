@@ -13,7 +13,8 @@ STATUS_COLORS = {"accepted": "#2e7d32", "rejected": "#c62828", "refused": "#ef6c
 
 
 def body() -> None:
-    totals = q.site_totals(engine, run["run_id"])
+    data = common.data(engine)
+    totals = data.site_totals(run["run_id"])
     if totals.empty:
         st.info(f"Run {run['run_id']} has no completed round yet: sites appear after the first round.")
         return
@@ -25,12 +26,12 @@ def body() -> None:
                         "mean_update", "total_sent", "mean_duration", "max_duration", "last_round"]],
                  hide_index=True)
 
-    part = q.participation(engine, run["run_id"])
+    part = data.participation(run["run_id"])
     fig = px.bar(part, x="round", y="sites", color="status", color_discrete_map=STATUS_COLORS,
                  title="Sites per round by outcome")
     common.plot(fig, key="sites_participation")
 
-    grid = q.site_status_grid(engine, run["run_id"])
+    grid = data.site_status_grid(run["run_id"])
     heat = grid.pivot(index="site", columns="round", values="accepted_share")
     fig = px.imshow(heat, color_continuous_scale=["#c62828", "#fdd835", "#2e7d32"], zmin=0, zmax=1, aspect="auto",
                     title="Accepted updates per site and round (share within each round bucket)",
@@ -40,11 +41,11 @@ def body() -> None:
     column = st.radio("Per round", ["num_examples", "update_bytes", "duration_s"], horizontal=True,
                       format_func={"num_examples": "examples", "update_bytes": "update bytes",
                                    "duration_s": "duration (s)"}.get, key="sites_series")
-    series = q.site_series(engine, run["run_id"], column)
+    series = data.site_series(run["run_id"], column)
     fig = px.line(series, x="round", y=column, color="site", title=f"{column} per site and round")
     common.plot(fig, key="sites_series_chart")
 
-    problems = q.site_problems(engine, run["run_id"])
+    problems = data.site_problems(run["run_id"])
     st.subheader("Rejected, refused and failed updates")
     if problems.empty:
         st.success("Every site-round of this run was accepted.")
