@@ -213,34 +213,33 @@ def _wait(cond, timeout: float, what: str, poll: float = 1.0):
 
 def test_serverapp_killed_resumed_and_a_site_dropping_out(fed):
     dp = ["--set", "dp.noise_multiplier=1.0", "--set", "dp.delta=0.001", "--set", "dp.accountant=rdp"]
-    run = fed.spawn_fedcare("server", "run", "--rounds", "3", "--quiet", *FAST, *dp, log=fed.root / "run3.log")
+    run = fed.spawn_fedcare("server", "run", "--rounds", "2", "--quiet", *FAST, *dp, log=fed.root / "run2.log")
     store = fed.store()
     try:
-        run_id = _wait(lambda: next((r["run_id"] for r in store.list_runs() if r.get("rounds_planned") == 3
+        run_id = _wait(lambda: next((r["run_id"] for r in store.list_runs() if r.get("rounds_planned") == 2
                                      and r["status"] in ("pending", "running")), None), 120, "the run to start")
         _wait(lambda: store.last_round(run_id) >= 1, 400, "round 1 to be committed")
         serverapps = _wait(lambda: fed.link.find("flwr-serverapp"), 30, "the ServerApp process")
         for pid in serverapps:
             os.kill(pid, 9)  # the coordinator's ServerApp crashes mid-run
         assert run.wait(180) != 0
-        done = store.last_round(run_id)
-        assert 1 <= done < 3 and store.get_run(run_id)["status"] != "completed"
+        assert store.last_round(run_id) == 1 and store.get_run(run_id)["status"] != "completed"
 
         resume = fed.spawn_fedcare("server", "resume", run_id, "--quiet", log=fed.root / "resume.log")
-        _wait(lambda: store.last_round(run_id) >= 2, 400, "round 2 after resuming")
-        if store.last_round(run_id) < 3:
-            fed.nodes["hungarian"].kill()  # a hospital drops out mid-run
+        _wait(lambda: any(e["kind"] == "resumed" for e in store.events(run_id)), 300, "the resumed ServerApp")
+        fed.nodes["hungarian"].kill()  # a hospital drops out in the middle of round 2
         assert resume.wait(600) == 0, (fed.root / "resume.log").read_text()[-3000:]
     finally:
         store.close()
 
     rep = fed.report(run_id)
     assert rep["status"] == "completed"
-    assert [r["round"] for r in rep["rounds"]] == [1, 2, 3]  # no round counted twice
-    last = {s["site"]: s for s in rep["rounds"][-1]["sites"]}
-    assert last["cleveland"]["accepted"] and last["va"]["accepted"]
-    if "hungarian" in last:
-        assert not last["hungarian"]["accepted"]
+    assert [r["round"] for r in rep["rounds"]] == [1, 2]  # no round counted twice
+    assert {s["site"] for s in rep["rounds"][0]["sites"] if s["accepted"]} == {"cleveland", "hungarian", "va"}
+    last = rep["rounds"][-1]["sites"]
+    assert {s["site"] for s in last if s["accepted"]} == {"cleveland", "va"}
+    dropped = [s for s in last if not s["accepted"]]
+    assert len(dropped) == 1 and dropped[0]["reason"], last  # recorded, with why
     with fed.store() as store:
         kinds = [e["kind"] for e in store.events(run_id)]
     assert "resumed" in kinds
@@ -250,4 +249,4 @@ def test_serverapp_killed_resumed_and_a_site_dropping_out(fed):
         spends = SiteLedger(fed.sites[name].ledger).entries(run_id=run_id)
         rounds_charged = {s.round for s in spends}
         accepted = {r["round"] for r in rep["rounds"] for s in r["sites"] if s["site"] == name and s["accepted"]}
-        assert accepted <= rounds_charged <= {1, 2, 3}, (name, accepted, rounds_charged)
+        assert accepted <= rounds_charged <= {1, 2}, (name, accepted, rounds_charged)
