@@ -317,11 +317,12 @@ class SiteSpec:
     lora_rank: int | None = None
     port: int = 9094                 # the SuperNode's own runtime (ClientApp IO) API port
     host: str = "127.0.0.1"
+    worker: Path | None = None       # socket of a long-lived site worker (fedcare.client.worker)
 
     def node_config(self) -> dict[str, str | int]:
         cfg: dict[str, str | int] = {"site-id": self.site_id}
         for key, value in (("data-path", self.data_path), ("ledger", self.ledger),
-                           ("policy", self.policy), ("audit", self.audit)):
+                           ("policy", self.policy), ("audit", self.audit), ("worker", self.worker)):
             if value:
                 cfg[key] = str(Path(value).resolve())
         if self.lora_rank:
@@ -341,6 +342,27 @@ def check_site(spec: SiteSpec, root_cert: Path) -> None:
         SitePolicy.load(spec.policy)
     if spec.ledger is not None and not Path(spec.ledger).parent.is_dir():
         raise DeploymentError(f"the ledger's folder {Path(spec.ledger).parent} does not exist")
+
+
+def start_worker(socket_path: Path, workdir: Path, flwr_home: Path | None = None,
+                 timeout: float = 300.0) -> Managed:
+    """Start the site's long-lived worker and wait until its socket accepts."""
+    import sys
+
+    socket_path = Path(socket_path)
+    proc = _spawn(f"site worker {socket_path.name}",
+                  [sys.executable, "-m", "fedcare.client.worker", "--socket", str(socket_path)],
+                  Path(workdir) / f"{socket_path.stem}.worker.log", _env(flwr_home))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not proc.alive():
+            raise DeploymentError(f"the site worker exited ({proc.proc.returncode}): {last_error(proc.log())}; "
+                                  f"log: {proc.log_path}")
+        if "listening on" in proc.log():
+            return proc
+        time.sleep(0.2)
+    proc.stop()
+    raise DeploymentError(f"the site worker did not start within {timeout:.0f} s; log: {proc.log_path}")
 
 
 def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_config: Path,
@@ -471,7 +493,7 @@ def check_site_data(task: str, data_path: Path) -> int:
 
 def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
              flwr_home: Path | None = None, task: str | None = None, echo=print,
-             join_timeout: float = 120.0) -> None:
+             join_timeout: float = 120.0, worker: bool = False) -> None:
     """``fedcare site start``: check everything, start the SuperNode, report its node
     id, hold until interrupted; explain in one line if it is refused or stops."""
     check_site(spec, root_cert)
@@ -480,6 +502,13 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
         echo(f"{spec.data_path}: {n} training examples for task {task}")
     check_superlink_reachable(superlink, root_cert)
     with _terminate_on_sigterm():
+        helper = None
+        if worker:
+            import dataclasses
+
+            spec = dataclasses.replace(spec, worker=Path(workdir).resolve() / f"{spec.site_id}.worker.sock")
+            helper = start_worker(spec.worker, workdir, flwr_home)
+            echo(f"site worker ready (model and data stay loaded between rounds); log {helper.log_path}")
         node = start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, precheck=False,
                                max_retries=None)
         try:
@@ -492,3 +521,5 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
             echo(f"stopping site {spec.site_id}")
         finally:
             node.stop()
+            if helper is not None:
+                helper.stop()
