@@ -10,6 +10,8 @@ from .base import Task
 _TASKS = {
     "heart-disease": "fedcare.models.heart_disease:HeartDiseaseTask",
     "medical-abstracts": "fedcare.models.medical_abstracts:MedicalAbstractsTask",
+    "breastmnist": "fedcare.models.breastmnist:BreastMnistTask",
+    "medical-llm": "fedcare.models.medical_llm:MedicalLlmTask",
 }
 
 
