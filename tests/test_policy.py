@@ -105,3 +105,14 @@ def test_bad_policy_files_name_the_file(tmp_path, text, msg):
 def test_missing_policy_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_policy(str(tmp_path / "nope.toml"))
+
+
+def test_base_model_allow_list(tmp_path):
+    from fedcare.client.policy import base_model_of
+
+    assert base_model_of("medical-abstracts") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_of("heart-disease") == ""  # trained from scratch: nothing pretrained to allow
+    pol = SitePolicy.load(write(tmp_path, '[code]\nallowed_base_models = ["some/other-model"]\n'))
+    with pytest.raises(PolicyRefusal, match="base model 'sentence-transformers/all-MiniLM-L6-v2'"):
+        pol.check(RunConfig(task="medical-abstracts").validate(), ME, 100)
+    pol.check(cfg(), ME, 100)
