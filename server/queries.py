@@ -223,7 +223,8 @@ def site_status_grid(engine: sa.Engine, run_id: str, max_points: int = 120) -> p
 
 def site_totals(engine: sa.Engine, run_id: str) -> pd.DataFrame:
     """Per site over the run: rounds, accepted, rejected, refused, failed, examples
-    (sum over accepted), mean/total update bytes, mean/max duration, last_round."""
+    (sum over accepted), mean bytes of the updates it sent (accepted or rejected),
+    total update bytes, mean/max duration, last_round."""
     def n(status: str):
         return sa.func.sum(sa.case((SiteRoundRow.status == status, 1), else_=0)).label(status)
 
@@ -231,7 +232,8 @@ def site_totals(engine: sa.Engine, run_id: str) -> pd.DataFrame:
                       n(FAILED),
                       sa.func.sum(sa.case((SiteRoundRow.status == ACCEPTED, SiteRoundRow.num_examples), else_=0))
                       .label("examples"),
-                      sa.func.avg(SiteRoundRow.update_bytes).label("mean_update_bytes"),
+                      sa.func.avg(sa.case((SiteRoundRow.status.in_((ACCEPTED, REJECTED)), SiteRoundRow.update_bytes)))
+                      .label("mean_update_bytes"),
                       sa.func.sum(SiteRoundRow.update_bytes).label("total_update_bytes"),
                       sa.func.avg(SiteRoundRow.duration_s).label("mean_duration_s"),
                       sa.func.max(SiteRoundRow.duration_s).label("max_duration_s"),

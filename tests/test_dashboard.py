@@ -235,6 +235,14 @@ def test_queries_agree_on_sqlite_and_postgres(sqlite_url, postgres_url):
             assert a[key] == pytest.approx(b[key])
 
 
+@pytest.mark.postgres
+def test_every_page_on_postgres(postgres_url, monkeypatch):
+    run_id = _fill_small(postgres_url)
+    for page in PAGES:
+        at = open_page(postgres_url, page, run_id, monkeypatch)
+        assert run_id in text_of(at) and charts(at), page
+
+
 def test_series_are_bucketed_in_sql(sqlite_url):
     run_id = _fill_small(sqlite_url)
     e = q.connect(sqlite_url)
