@@ -146,6 +146,14 @@ def config_keys() -> None:
         typer.echo(f"{key:<32} {type(value).__name__:<6} {value!r}")
 
 
+@config_app.command("flower-toml")
+def config_flower_toml() -> None:
+    """The defaults as pyproject.toml's [tool.flwr.app.config] (paste after a config change)."""
+    from .config import flower_app_config_toml
+
+    typer.echo(flower_app_config_toml(), nl=False)
+
+
 @config_app.command("tasks")
 def config_tasks() -> None:
     """The tasks fedcare can run."""

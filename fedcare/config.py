@@ -232,6 +232,24 @@ class RunConfig:
         return self.dp.level != "none"
 
 
+def flower_app_config_toml() -> str:
+    """RunConfig's defaults as the ``[tool.flwr.app.config]`` tables of pyproject.toml."""
+    import tomli_w
+
+    nested: dict[str, Any] = {}
+    for key, value in RunConfig().to_flat().items():
+        section, _, name = key.partition(".")
+        if name:
+            nested.setdefault(section, {})[name] = value
+        else:
+            nested[key] = value
+    text = "[tool.flwr.app.config]\n" + tomli_w.dumps({k: v for k, v in nested.items() if not isinstance(v, dict)})
+    for section, values in nested.items():
+        if isinstance(values, dict):
+            text += f"\n[tool.flwr.app.config.{section}]\n" + tomli_w.dumps(values)
+    return text
+
+
 def _coerce(key: str, raw: Any, typ: type) -> Any:
     try:
         if typ is bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.config import RunConfig
+from fedcare.config import RunConfig, flower_app_config_toml
 from fedcare.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,10 @@ def _flatten(d, prefix=""):
 
 
 def test_flower_app_defaults_mirror_run_config():
+    """pyproject's Flower defaults are RunConfig's (regenerate: fedcare config flower-toml)."""
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert _flatten(py["tool"]["flwr"]["app"]["config"]) == RunConfig().to_flat()
+    assert flower_app_config_toml() in (ROOT / "pyproject.toml").read_text()
 
 
 def test_set_parses_types_and_rejects_unknown_keys():
