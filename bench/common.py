@@ -12,6 +12,11 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# One intra-op thread, as each virtual site gets in a Flower/Ray simulation (one CPU per
+# site): tiny models otherwise spend their time spinning threads on a loaded machine.
+if not torch.cuda.is_available():
+    torch.set_num_threads(1)
+
 
 def run_federated(cfg, db_url: str) -> dict:
     """One run through the real ServerApp loop and ClientApp handlers (InProcessGrid:
