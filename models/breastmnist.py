@@ -89,6 +89,7 @@ class BreastMnistTask(Task):
     sensitive_attributes = ()
     num_classes = 2
     primary_metric = "auroc"
+    base_model = "efficientnet-lite0 (ImageNet)"   # what a site policy allow-lists
     defaults = {"train.batch_size": 16, "train.lr": 1e-3, "train.local_steps": 10, "train.optimizer": "adam",
                 "sites": 4, "lora.target_modules": "_expand_conv,_project_conv,_conv_head"}
 

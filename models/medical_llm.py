@@ -188,6 +188,7 @@ def _forward_answers(model, prompt, pmask, answers, amask) -> torch.Tensor:
 
 class MedicalLlmTask(Task):
     name = "medical-llm"
+    base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # default; lora.base_model overrides it
     sensitive_attributes = ()
     num_classes = 5
     defaults = {"train.batch_size": 4, "train.lr": 5e-4, "train.local_steps": 10, "train.optimizer": "adamw",

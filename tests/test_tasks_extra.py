@@ -140,7 +140,7 @@ def llm():
 def test_llm_prompts_and_answer_only_loss(llm):
     from fedcare.models.medical_llm import model_source, tokenizer
 
-    cfg = small_cfg(llm, **{"data.max_train_per_site": 4, "data.max_test_per_site": 4, "train.batch_size": 2})
+    cfg = small_cfg(llm, **{"data.max_train_per_site": 4, "data.max_test_per_site": 2, "train.batch_size": 2})
     split = llm.load_site("site-0", cfg)
     prompt, pmask, answers, amask, y = split.train.tensors
     tok = tokenizer(model_source(cfg))
@@ -175,7 +175,7 @@ def test_llm_prompts_and_answer_only_loss(llm):
     assert any("lora_B" in k for k in changed(before, get_trainable_state(model)))
 
     scores, labels = predict_dataset(llm, model, split.test, cfg, CPU)
-    assert scores.shape == (4, 5) and np.allclose(scores.sum(1), 1)
+    assert scores.shape == (2, 5) and np.allclose(scores.sum(1), 1)
     metrics = llm.metrics(scores, labels)
     assert 0 <= metrics["exact_match"] <= 1 and metrics["answer_perplexity"] > 1
     assert "accuracy" in metrics
@@ -184,3 +184,35 @@ def test_llm_prompts_and_answer_only_loss(llm):
 def test_llm_unknown_base_model(llm, tmp_path):
     with pytest.raises(ConfigError, match="base_model"):
         llm.build_model(small_cfg(llm, **{"lora.base_model": str(tmp_path / "none")}))
+
+
+# ------------------------------------------------------------------------ end to end, DP on
+def _e2e(tmp_path, task: str, *sets: str) -> dict:
+    from e2e import simulate  # tests/ is on sys.path (rootdir conftest)
+
+    db = f"sqlite:///{tmp_path}/fed.db"
+    args = ["--task", task, "--sites", "2", "--rounds", "2", "--set", "dp.noise_multiplier=0.8",
+            "--set", "dp.max_grad_norm=1.0", "--set", "strategy.min_sites=2"]
+    for s in sets:
+        args += ["--set", s]
+    _, rep = simulate(db, *args, timeout=1800)
+    assert rep["status"] == "completed" and len(rep["rounds"]) == 2
+    for r in rep["rounds"]:
+        assert len(r["sites"]) == 2 and all(s["accepted"] and s["update_bytes"] > 0 for s in r["sites"])
+    return rep
+
+
+@pytest.mark.e2e
+def test_breastmnist_two_rounds_with_dp(tmp_path):
+    rep = _e2e(tmp_path, "breastmnist", "data.max_train_per_site=16", "data.max_test_per_site=8",
+               "train.local_steps=2", "train.batch_size=4")
+    assert {"accuracy", "balanced_accuracy"} <= set(rep["final"]["metrics"])
+    assert set(rep["final"]["per_site"]) == {"site-0", "site-1"}
+
+
+@pytest.mark.e2e
+def test_medical_llm_two_rounds_with_dp(tmp_path):
+    rep = _e2e(tmp_path, "medical-llm", "data.max_train_per_site=4", "data.max_test_per_site=2",
+               "train.local_steps=1", "train.batch_size=2", "train.eval_batch_size=2")
+    final = rep["final"]["metrics"]
+    assert {"accuracy", "exact_match", "answer_perplexity"} <= set(final) and final["answer_perplexity"] > 1
