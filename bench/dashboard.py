@@ -186,6 +186,7 @@ def main() -> None:
     result = {
         "rounds": args.rounds, "sites": args.sites, "loads": args.loads, "fill_s": round(fill_s, 2),
         "db_bytes": path.stat().st_size, "cpu_count": os.cpu_count(),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
         "pages": {name: {"median_render_s": round(statistics.median(v), 3), "renders_s": [round(x, 3) for x in v],
                          "sql_s": round(sql[name], 4)} for name, v in pages.items()},
     }
