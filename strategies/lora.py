@@ -20,6 +20,8 @@ import numpy as np
 LORA_A = ".lora_A."
 LORA_B = ".lora_B."
 PRODUCT_SUFFIX = ".lora_BA"   # key of a layer's product in "product space"
+#: singular values below this fraction of the largest are treated as zero
+NULL_SINGULAR_VALUE = 1e-10
 
 State = Mapping[str, np.ndarray]
 #: rank -> LoRA scale (peft: alpha / r). ``None`` means every rank has the same scale.
@@ -93,15 +95,25 @@ def factorise(w: np.ndarray, rank: int, a_tail: tuple[int, ...], b_tail: tuple[i
     """Truncated SVD of ``w`` ``[out, in']`` to ``rank``: returns (A, B, lost, total) with
     A shaped ``[rank, *a_tail]``, B ``[out, rank, *b_tail]`` and the squared Frobenius
     norms of the discarded part and of ``w`` (relative error = sqrt(lost / total)).
-    Ranks above ``min(out, in')`` are padded with zero components."""
+    Components the product does not fill (zero singular values, e.g. B = 0 at the start,
+    or a rank above ``min(out, in')``) get B = 0 and a non-zero A row, as LoRA's own
+    initialisation: the product is unchanged, but the component can still learn (with
+    A = 0 and B = 0 both gradients would be zero and it would stay dead)."""
     u, s, vt = np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
     k = min(rank, s.shape[0])
-    root = np.sqrt(s[:k])
+    live = int(np.sum(s[:k] > NULL_SINGULAR_VALUE * max(float(s[0]) if s.size else 0.0, 1e-300)))
+    root = np.sqrt(s[:live])
     b = np.zeros((w.shape[0], rank))
     a = np.zeros((rank, w.shape[1]))
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vt[:k]
-    lost = float(np.sum(s[k:] ** 2))
+    b[:, :live] = u[:, :live] * root
+    a[:live] = root[:, None] * vt[:live]
+    # dormant components: unit directions orthogonal to the live ones, at peft's init
+    # scale (kaiming-uniform rows have norm ~ 1/sqrt(3))
+    a[live:k] = vt[live:k] / np.sqrt(3.0)
+    if rank > k:
+        extra = np.random.default_rng(rank).normal(size=(rank - k, w.shape[1]))
+        a[k:] = extra / np.linalg.norm(extra, axis=1, keepdims=True) / np.sqrt(3.0)
+    lost = float(np.sum(s[live:] ** 2))
     total = float(np.sum(s ** 2))
     return a.reshape((rank, *a_tail)), b.reshape((w.shape[0], rank, *b_tail)), lost, total
 

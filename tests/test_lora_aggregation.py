@@ -267,3 +267,26 @@ def test_state_for_site_rank_uses_the_run_config():
     cfg.lora.aggregation = "ffa"
     with pytest.raises(ValueError, match="one rank at every site"):
         state_for_site_rank(g, 4, cfg)
+
+
+def test_unfilled_components_stay_trainable():
+    """B = 0 (LoRA's start) or a product of lower rank than the target: the spare
+    components get B = 0 and a non-zero A, so they can still learn; the product is exact."""
+    rng = np.random.default_rng(11)
+    g = lora_state(rng, 8, head=False)
+    for k in g:
+        if ".lora_B." in k:
+            g[k] = np.zeros_like(g[k])
+    site = truncate_for_site(g, 2, "exact")
+    for k, v in site.items():
+        if ".lora_A." in k:
+            assert np.all(np.linalg.norm(v, axis=1) > 0.1)       # alive
+        else:
+            assert np.all(v == 0)                                # product still zero
+    low = lora_state(rng, 2, head=False)
+    res = exact_aggregate([low], [1], rank=8)
+    a_key = next(k for k in res.state if ".lora_A." in k)
+    assert np.all(np.linalg.norm(res.state[a_key], axis=1) > 0.1)
+    for k, d in effective_deltas(low).items():
+        assert rel(effective_deltas(res.state)[k], d) < 1e-6
+    assert res.rel_error < 1e-7
