@@ -68,7 +68,8 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 def common_sets(args) -> list[str]:
     return [f"train.local_steps={args.local_steps}", f"data.max_train_per_site={args.max_train}",
-            f"data.max_test_per_site={args.max_test}", f"lora.r={args.rank}"]
+            f"data.max_test_per_site={args.max_test}", f"lora.r={args.rank}",
+            f"train.batch_size={args.batch_size}"]
 
 
 def scenario_sets(sc: Scenario, args) -> list[str]:
@@ -272,20 +273,22 @@ def plot(rows: list[dict], base: dict, path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 sites, alpha 1.0, no DP, 2 rounds, tiny subset")
+    p.add_argument("--quick", action="store_true",
+                   help="4 sites, alpha 1.0, no DP, 2 rounds of 2 steps, 16 train / 16 test examples per site")
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-steps", type=int)
     p.add_argument("--max-train", type=int, help="train examples per site (0 = all)")
     p.add_argument("--max-test", type=int, help="test examples per site (0 = all)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--db", help="store URL (default: a fresh SQLite file in a temporary folder)")
     p.add_argument("--out", type=Path, default=RESULTS / "lora_strategies.json")
     p.add_argument("--engine", choices=("inprocess", "simulate"), default="inprocess")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per federated run (simulate engine)")
     args = p.parse_args(argv)
-    quick_defaults = dict(rounds=2, local_steps=3, max_train=32, max_test=32)
-    full_defaults = dict(rounds=10, local_steps=20, max_train=400, max_test=200)
+    quick_defaults = dict(rounds=2, local_steps=2, max_train=16, max_test=16, batch_size=4)
+    full_defaults = dict(rounds=10, local_steps=20, max_train=400, max_test=200, batch_size=16)
     for k, v in (quick_defaults if args.quick else full_defaults).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"group": key, "label": f"baseline: {name}", **{k: v for k, v in b[name].items() if k != "per_site"},
                          "wall_s": b["wall_s"]})
     out = {"task": TASK, "quick": args.quick, "db": db, "engine": args.engine,
-           "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank", "seed")},
+           "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank",
+                                                 "batch_size", "seed")},
            "rows": rows, "baselines": base}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=float))
