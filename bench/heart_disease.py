@@ -52,6 +52,7 @@ def main() -> None:
                 cfg = resolve_config("heart-disease", [], rounds=rounds, seed=seed, **{"strategy.name": name})
                 results.setdefault(f"federated {name}", []).append(mean_site_accuracy(run_federated(cfg, db)))
                 print(f"{name} seed {seed}: {results[f'federated {name}'][-1]:.4f}", file=sys.stderr)
+            write_json("heart_disease.partial", {"results": results})  # survive an interruption
     cfg = resolve_config("heart-disease", [], rounds=rounds)
     steps = rounds * cfg.train.local_steps
     splits = {s: task.load_site(s, cfg) for s in task.site_ids(cfg)}

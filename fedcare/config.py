@@ -62,7 +62,7 @@ class StrategyConfig:
     proximal_mu: float = 0.01      # fedprox
     eta: float = 0.01              # server learning rate: fedadam, fedyogi
     q: float = 0.1                 # qfedavg
-    trim_beta: float = 0.2         # trimmedavg
+    trim_beta: float = 0.25        # trimmedavg: fraction trimmed at each end (>= 1/sites)
     krum_f: int = 1                # krum: number of malicious sites tolerated
     min_sites: int = 2             # a round needs at least this many accepted updates
     round_timeout: float = 1800.0  # seconds to wait for replies in a round
