@@ -90,6 +90,16 @@ def check_strategy_config(cfg: RunConfig, task: Task) -> None:
     if mode != "naive" and not task.uses_lora:
         raise ConfigError(f"lora.aggregation={mode} needs a LoRA task; task '{task.name}' trains all "
                           "parameters: use lora.aggregation=naive")
+    ranks = cfg.lora_site_ranks
+    if ranks:
+        if not task.uses_lora:
+            raise ConfigError(f"lora.site_ranks needs a LoRA task; task '{task.name}' has no adapter")
+        if max(ranks) > cfg.lora.r:
+            raise ConfigError(f"lora.site_ranks {cfg.lora.site_ranks} exceeds lora.r={cfg.lora.r}; "
+                              "lora.r is the global rank, the largest a site may train")
+        if mode == "ffa" and len(set(ranks)) > 1:
+            raise ConfigError("lora.aggregation=ffa needs one rank at every site (each rank has its "
+                              "own frozen A); drop lora.site_ranks or use exact or naive")
     if mode in ("ffa", "exact") and cfg.lora.personalize == "lora_B":
         raise ConfigError(f"lora.personalize=lora_B keeps B at the sites, which leaves nothing for "
                           f"lora.aggregation={mode} to aggregate; use naive or personalize=head")

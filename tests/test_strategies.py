@@ -171,6 +171,12 @@ def test_bad_combinations_are_config_errors():
         build_strategy(cfg_for("trimmedavg", sites=4), heart)   # heart-disease: 4 fixed sites
     with pytest.raises(ConfigError, match="trim_beta"):
         build_strategy(cfg_for("trimmedavg", **{"strategy.trim_beta": 0.6}), LoraTaskContract())
+    with pytest.raises(ConfigError, match="exceeds lora.r"):
+        build_strategy(cfg_for(**{"lora.site_ranks": "4,16", "lora.r": 8}), LoraTaskContract())
+    with pytest.raises(ConfigError, match="ffa needs one rank"):
+        build_strategy(cfg_for(**{"lora.site_ranks": "4,8", "lora.aggregation": "ffa"}), LoraTaskContract())
+    with pytest.raises(ConfigError, match="needs a LoRA task"):
+        build_strategy(cfg_for(**{"lora.site_ranks": "4,8"}), heart)
     # allowed: any strategy with exact or ffa on a LoRA task
     for name in strategy_names():
         for mode in ("naive", "ffa", "exact"):
