@@ -83,6 +83,7 @@ def _handle(kind: str, msg, context, identity: dict):
         _set_task_identity(identity)
         handler = {"train": app.train, "evaluate": app.evaluate}[kind]
         reply = handler(msg, context)
+        print(f"handled {kind} for Flower run {context.run_id}", flush=True)
         return ("ok", reply.content, context.state)
     except BaseException as err:  # reported back to the ClientApp, which raises it
         return ("error", f"{type(err).__name__}: {err}", traceback.format_exc())

@@ -20,8 +20,8 @@ import pytest
 from fedcare.certs import create_site_keys, init_server
 from fedcare.flower import free_port
 from fedcare.server.deploy import (DeploymentError, SiteSpec, TlsFiles, check_superlink_reachable,
-                                   register_site, start_superlink, start_supernode, wait_joined,
-                                   write_connection)
+                                   register_site, start_superlink, start_supernode, start_worker,
+                                   wait_joined, write_connection)
 
 pytestmark = pytest.mark.e2e
 
@@ -44,8 +44,9 @@ class Federation:
                     "FEDCARE_WORKDIR": str(root / "runs"), "FEDCARE_DB": self.db}
         self.sites: dict[str, SiteSpec] = {}
         self.nodes = {}
+        self.workers = []
 
-    def site_spec(self, site: str, policy: str | None = None) -> SiteSpec:
+    def site_spec(self, site: str, policy: str | None = None, worker: bool = False) -> SiteSpec:
         folder = self.root / "sites" / site
         data = folder / "data"
         data.mkdir(parents=True)
@@ -55,8 +56,12 @@ class Federation:
         if policy is not None:
             pol = folder / "policy.toml"
             pol.write_text(policy)
+        sock = None
+        if worker:  # a long-lived site worker holds model and data (fedcare site start --worker)
+            sock = folder / "worker.sock"
+            self.workers.append(start_worker(sock, folder))
         return SiteSpec(site_id=site, node_key=keys.private_key, data_path=data, ledger=folder / "ledger.db",
-                        policy=pol, audit=folder / "audit.jsonl", port=free_port())
+                        policy=pol, audit=folder / "audit.jsonl", port=free_port(), worker=sock)
 
     def fedcare(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([FEDCARE, *args], env=self.env, capture_output=True,
@@ -89,6 +94,8 @@ class Federation:
                     os.killpg(proc.pid, 9)
         for node in self.nodes.values():
             node.stop()
+        for worker in self.workers:
+            worker.stop()
         if getattr(self, "link", None):
             self.link.stop()
 
@@ -105,7 +112,7 @@ def fed(tmp_path_factory):
                                  f.root / "logs", port=f.port, flwr_home=f.flwr_home)
         write_connection(f.flwr_home, f.address, f.tls.ca_cert)
         f.sites = {
-            "cleveland": f.site_spec("cleveland"),
+            "cleveland": f.site_spec("cleveland", worker=True),
             "hungarian": f.site_spec("hungarian"),
             # the VA hospital only takes part in differentially private runs
             "va": f.site_spec("va", "[privacy]\nrequire_dp = true\n[data]\nmin_local_examples = 20\n"),
@@ -186,6 +193,7 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
     fingerprint = hashlib.sha256(fed.sites["va"].policy.read_bytes()).hexdigest()
     assert [(e["kind"], e["decision"]) for e in entries] == [("train", "refused"), ("evaluate", "sent")]
     assert all(e["policy_fingerprint"] == fingerprint for e in entries)
+    assert "handled train" in fed.workers[0].log()  # cleveland's messages went through its worker
     sent = [e for e in AuditLog(fed.sites["cleveland"].audit).entries() if e["kind"] == "train"]
     assert sent and sent[0]["bytes"] == sites["cleveland"]["update_bytes"] and len(sent[0]["payload_sha256"]) == 64
 
