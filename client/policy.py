@@ -79,7 +79,7 @@ class SitePolicy:
 
         if self.allowed_tasks and cfg.task not in self.allowed_tasks:
             refuse(f"task '{cfg.task}' is not in allowed_tasks {list(self.allowed_tasks)}")
-        base = base_model_of(cfg.task)
+        base = base_model_of(cfg)
         if self.allowed_base_models and base and base not in self.allowed_base_models:
             refuse(f"base model '{base}' is not in allowed_base_models {list(self.allowed_base_models)}")
         version = str(app_identity.get("fedcare_version", ""))
@@ -158,11 +158,13 @@ def _coerce(path: Path, key: str, raw: Any, typ: type) -> Any:
     return tuple(raw)
 
 
-def base_model_of(task_name: str) -> str:
-    """The pretrained base model a task loads ('' for a model trained from scratch)."""
+def base_model_of(cfg: RunConfig) -> str:
+    """The pretrained base model the run loads: ``lora.base_model`` when the run names
+    one, else the task's default ('' for a model trained from scratch)."""
     from fedcare.models.registry import get_task
 
-    return str(getattr(get_task(task_name), "base_model", "") or "")
+    override = getattr(cfg.lora, "base_model", "")
+    return str(override or getattr(get_task(cfg.task), "base_model", "") or "")
 
 
 def planned_sample_dp(cfg: RunConfig, num_local_examples: int) -> tuple[float, float]:

@@ -110,8 +110,11 @@ def test_missing_policy_file(tmp_path):
 def test_base_model_allow_list(tmp_path):
     from fedcare.client.policy import base_model_of
 
-    assert base_model_of("medical-abstracts") == "sentence-transformers/all-MiniLM-L6-v2"
-    assert base_model_of("heart-disease") == ""  # trained from scratch: nothing pretrained to allow
+    assert base_model_of(RunConfig(task="medical-abstracts")) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_of(RunConfig(task="heart-disease")) == ""  # trained from scratch: nothing to allow
+    other = RunConfig(task="medical-llm")
+    other.lora.base_model = "/models/some-7b"
+    assert base_model_of(other) == "/models/some-7b"  # the run's override is what gets loaded
     pol = SitePolicy.load(write(tmp_path, '[code]\nallowed_base_models = ["some/other-model"]\n'))
     with pytest.raises(PolicyRefusal, match="base model 'sentence-transformers/all-MiniLM-L6-v2'"):
         pol.check(RunConfig(task="medical-abstracts").validate(), ME, 100)
