@@ -51,6 +51,7 @@ class Federation:
 
         self.grid, self.cfg, self.store, self.run_id = grid, cfg, store, run_id
         self.node_ranks: dict[int, int] = {}
+        self.node_sites: dict[int, str] = {}   # learnt from replies, to name a site that drops out
         self.task = get_task(cfg.task)
         self.strategy = build_strategy(cfg, self.task)
         if cfg.dp.level == "client":
@@ -64,6 +65,9 @@ class Federation:
         start = store.last_round(self.run_id) + 1
         if start > 1:
             state = store.load_global_state(self.run_id)
+            for row in store.site_rounds(self.run_id):   # who was who, before the restart
+                if row.get("node_id") and not str(row["site"]).startswith("node-"):
+                    self.node_sites[int(row["node_id"])] = row["site"]
             store.add_event(self.run_id, "resumed", f"resuming at round {start} of {cfg.rounds}")
         else:
             state = initial_state(cfg)
@@ -132,6 +136,9 @@ class Federation:
         shared, _ = split_personal(state, self.cfg.lora.personalize)
         return {k: state[k] for k in shared}
 
+    def _site_name(self, node: int) -> str:
+        return self.node_sites.get(node, f"node-{node}")
+
     def _wait_for_sites(self) -> None:
         need = self.cfg.strategy.min_sites
         deadline = time.time() + self.cfg.strategy.round_timeout
@@ -152,15 +159,16 @@ class Federation:
             node = m.metadata.dst_node_id
             reply = by_node.get(node)
             if reply is None:
-                sites.append(S.SiteRound(site=f"node-{node}", node_id=node, status=S.FAILED,
+                sites.append(S.SiteRound(site=self._site_name(node), node_id=node, status=S.FAILED,
                                          reason=f"no reply within {self.cfg.strategy.round_timeout:.0f} s"))
                 continue
             if reply.has_error():
-                sites.append(S.SiteRound(site=f"node-{node}", node_id=node, status=S.FAILED,
+                sites.append(S.SiteRound(site=self._site_name(node), node_id=node, status=S.FAILED,
                                          reason=f"site error: {reply.error.reason}"))
                 continue
             info = reply.content.config_records.get(S.SITE, ConfigRecord())
-            site_id = str(info.get(S.SITE_ID, f"node-{node}"))
+            site_id = str(info.get(S.SITE_ID, self._site_name(node)))
+            self.node_sites[node] = site_id
             if info.get(S.STATUS) == "refused":
                 sites.append(S.SiteRound(site=site_id, node_id=node, status=S.REFUSED, reason=str(info.get(S.REASON))))
                 continue
@@ -202,6 +210,7 @@ class Federation:
         for r in replies:
             info = r.content.config_records.get(S.SITE, ConfigRecord())
             site_id = str(info.get(S.SITE_ID))
+            self.node_sites[r.metadata.src_node_id] = site_id
             m = {k: float(v) for k, v in r.content.metric_records[S.METRICS].items() if isinstance(v, (int, float))}
             n = int(m.pop(S.NUM_EXAMPLES, 0))
             evaluations.append(S.Evaluation(scope=site_id, metrics=m, num_examples=n))
