@@ -10,7 +10,7 @@ import streamlit as st
 
 from fedcare.dashboard import auth, common
 
-PAGES = Path(__file__).with_name("pages")
+VIEWS = Path(__file__).with_name("views")
 
 st.set_page_config(page_title="fedcare", page_icon=":material/monitor_heart:", layout="wide")
 
@@ -23,12 +23,12 @@ if not auth.gate():
     st.stop()
 
 navigation = st.navigation([
-    st.Page(PAGES / "runs.py", title="Runs", icon=":material/list:", default=True),
-    st.Page(PAGES / "convergence.py", title="Convergence", icon=":material/show_chart:"),
-    st.Page(PAGES / "sites.py", title="Sites", icon=":material/local_hospital:"),
-    st.Page(PAGES / "fairness.py", title="Fairness", icon=":material/balance:"),
-    st.Page(PAGES / "privacy.py", title="Privacy", icon=":material/shield:"),
-    st.Page(PAGES / "events.py", title="Events", icon=":material/event_note:"),
+    st.Page(VIEWS / "runs.py", title="Runs", icon=":material/list:", default=True),
+    st.Page(VIEWS / "convergence.py", title="Convergence", icon=":material/show_chart:"),
+    st.Page(VIEWS / "sites.py", title="Sites", icon=":material/local_hospital:"),
+    st.Page(VIEWS / "fairness.py", title="Fairness", icon=":material/balance:"),
+    st.Page(VIEWS / "privacy.py", title="Privacy", icon=":material/shield:"),
+    st.Page(VIEWS / "events.py", title="Events", icon=":material/event_note:"),
 ])
 engine = common.engine_or_stop()
 common.sidebar_selection(engine)

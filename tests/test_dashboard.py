@@ -62,7 +62,7 @@ def open_page(db: str, page: str, run_id: str | None = None, monkeypatch=None,
         at.session_state["fedcare_compare"] = compare
     at.run()
     if page != "runs":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -62,7 +62,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def wait_rendered(page, timeout_ms: int = 90_000, title: str | None = None) -> None:
+def wait_rendered(page, timeout_ms: int = 240_000, title: str | None = None) -> None:
     """Until the page's title is shown (the script got that far; before the app
     connects, the state attribute already reads notRunning), Streamlit reports the
     script finished, and no spinner is left."""
@@ -76,12 +76,12 @@ def wait_rendered(page, timeout_ms: int = 90_000, title: str | None = None) -> N
 def open_and_check(browser, url: str, title: str, shot: Path, must_contain: list[str], chart: bool = True) -> str:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(url, wait_until="domcontentloaded", timeout=90_000)
+        page.goto(url, wait_until="domcontentloaded", timeout=180_000)
         wait_rendered(page, title=title)
         if chart:
-            page.wait_for_selector('.js-plotly-plot, [data-testid="stPlotlyChart"]', timeout=60_000)
+            page.wait_for_selector('.js-plotly-plot, [data-testid="stPlotlyChart"]', timeout=180_000)
             page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0",
-                                   timeout=60_000)
+                                   timeout=180_000)
         wait_rendered(page)
         html = page.content()
         _expand_for_screenshot(page)
