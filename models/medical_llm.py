@@ -186,6 +186,11 @@ def _forward_answers(model, prompt, pmask, answers, amask) -> torch.Tensor:
     return logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1) * amask
 
 
+def _answer_space(model: torch.nn.Module) -> tuple[str, tuple[str, ...]]:
+    """(tokenizer source, class names) stored on the model by ``build_model``."""
+    return getattr(model, "_module", model).fedcare_answer_space
+
+
 class MedicalLlmTask(Task):
     name = "medical-llm"
     base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"   # default; lora.base_model overrides it
@@ -196,8 +201,6 @@ class MedicalLlmTask(Task):
                 "data.max_train_per_site": 64, "data.max_test_per_site": 16}
 
     def __init__(self) -> None:
-        self._source = ""
-        self._names: tuple[str, ...] = ()
         self._extras: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
@@ -221,13 +224,15 @@ class MedicalLlmTask(Task):
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
 
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
-        self._source = model_source(cfg)
-        self._names = load_corpus(str(data_folder(cfg).resolve())).class_names
-        base = copy.deepcopy(_base_model(self._source, base_dtype()))
+        source = model_source(cfg)
+        names = load_corpus(str(data_folder(cfg).resolve())).class_names
+        base = copy.deepcopy(_base_model(source, base_dtype()))
         base.config.use_cache = False
         torch.manual_seed(cfg.seed)  # same LoRA init at every site and the server
-        return attach_lora(base, cfg, modules_to_save=[], task_type="CAUSAL_LM",
-                           hint="Llama-style attention projections are q_proj, k_proj, v_proj, o_proj")
+        model = attach_lora(base, cfg, modules_to_save=[], task_type="CAUSAL_LM",
+                            hint="Llama-style attention projections are q_proj, k_proj, v_proj, o_proj")
+        model.fedcare_answer_space = (source, names)  # predict() needs them; the model carries them
+        return model
 
     def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         prompt, pmask, answers, amask, _ = batch
@@ -238,8 +243,9 @@ class MedicalLlmTask(Task):
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         prompt, pmask, answers, amask, y = batch
-        tok = tokenizer(self._source)
-        choices, cmask = answer_tensor(tok, self._names)
+        source, names = _answer_space(model)
+        tok = tokenizer(source)
+        choices, cmask = answer_tensor(tok, names)
         choices, cmask = choices.to(prompt.device), cmask.to(prompt.device)
         n = len(y)
         token_logp = torch.stack([  # [N, C, A]: every candidate answer after every prompt
@@ -247,13 +253,12 @@ class MedicalLlmTask(Task):
             for c in range(len(choices))], 1)
         seq_logp = token_logp.sum(2)
         gold = token_logp[torch.arange(n), y]  # the gold answer is one of the candidates
-        generated = self._generate(model, prompt, pmask)
-        match = np.array([normalise_answer(g) == normalise_answer(self._names[k]) for g, k in zip(generated, y.tolist())])
+        generated = self._generate(model, tok, prompt, pmask)
+        match = np.array([normalise_answer(g) == normalise_answer(names[k]) for g, k in zip(generated, y.tolist())])
         self._extras.append((match, (-gold.sum(1)).double().cpu().numpy(), amask.sum(1).cpu().numpy()))
         return torch.softmax(seq_logp.double(), 1).cpu().numpy(), y.cpu().numpy()
 
-    def _generate(self, model, prompt, pmask) -> list[str]:
-        tok = tokenizer(self._source)
+    def _generate(self, model, tok, prompt, pmask) -> list[str]:
         out = model.generate(input_ids=prompt, attention_mask=pmask, max_new_tokens=ANSWER_TOKENS, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=end_token(tok), use_cache=True)
         return tok.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
