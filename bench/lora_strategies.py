@@ -248,6 +248,7 @@ def plot(rows: list[dict], base: dict, path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed (pip install -e .[bench]); no plot"
     groups = sorted({r["group"] for r in rows})
@@ -262,6 +263,7 @@ def plot(rows: list[dict], base: dict, path: Path) -> str | None:
             ax.axhline(base[key]["pooled"]["accuracy"], ls="--", c="k", label="pooled")
             ax.axhline(base[key]["alone"]["accuracy"], ls=":", c="gray", label="site alone")
         ax.set_title(g)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (global model, all sites' test data)")
         ax.legend(fontsize=8)
