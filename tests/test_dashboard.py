@@ -69,6 +69,7 @@ def open_page(db: str, page: str, run_id: str | None = None, monkeypatch=None,
 
 def text_of(at: AppTest) -> str:
     parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [t.value for t in at.title]
+    parts += [h.value for h in (*at.header, *at.subheader)]
     parts += [str(x.value) for x in (*at.info, *at.warning, *at.error, *at.success)]
     parts += [f"{m.label} {m.value}" for m in at.metric]
     return "\n".join(parts)
@@ -124,8 +125,10 @@ def test_sites_page_lists_refusals_with_reasons(demo_db, runs, monkeypatch):
     problems = at.dataframe[-1].value
     assert {"site", "status", "reason", "times"} <= set(problems.columns)
     if not os.environ.get("FEDCARE_TEST_DB"):
-        assert (problems["status"] == "refused").any()
-        assert problems["reason"].str.contains("privacy budget").all()
+        refused = problems[problems["status"] == "refused"]
+        assert set(refused["site"]) == {"switzerland", "va"}
+        assert refused["reason"].str.contains("privacy budget").all()
+        assert problems[problems["status"] == "rejected"]["reason"].str.contains("non-finite").all()
 
 
 def test_fairness_page_shows_stored_numbers_and_epsilon_siblings(demo_db, runs, monkeypatch):
