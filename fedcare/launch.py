@@ -23,7 +23,7 @@ console = Console(stderr=True)
 def resolve_config(task: str, sets: list[str], **explicit) -> RunConfig:
     """defaults < the task's defaults < explicit options < --set, then validated."""
     from .models.registry import get_task
-    from .strategies.registry import strategy_names
+    from .strategies.registry import check_strategy_config
 
     cfg = RunConfig(task=task)
     t = get_task(task)
@@ -34,11 +34,11 @@ def resolve_config(task: str, sets: list[str], **explicit) -> RunConfig:
         if explicit.get("sites") not in (None, t.fixed_sites):
             raise ConfigError(f"task {task} has {t.fixed_sites} natural sites; drop --sites or set it to {t.fixed_sites}")
         cfg.sites = t.fixed_sites
-    if cfg.strategy.name not in strategy_names():
-        raise ConfigError(f"unknown strategy '{cfg.strategy.name}'; choose one of: {', '.join(strategy_names())}")
     if cfg.strategy.min_sites > cfg.sites:
         cfg.strategy.min_sites = cfg.sites
-    return cfg.validate()
+    cfg.validate()
+    check_strategy_config(cfg, t)  # a bad combination fails here, before anything starts
+    return cfg
 
 
 def register_run(cfg: RunConfig, db: str):
