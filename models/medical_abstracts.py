@@ -142,6 +142,7 @@ class MedicalAbstractsTask(Task):
     name = "medical-abstracts"
     sensitive_attributes = ()   # the corpus has no demographics
     num_classes = 5
+    base_model = "sentence-transformers/all-MiniLM-L6-v2"   # what a site policy allow-lists
     defaults = {"train.batch_size": 16, "train.lr": 5e-4, "train.local_steps": 20,
                 "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
 
