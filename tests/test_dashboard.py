@@ -122,6 +122,9 @@ def test_live_run_refreshes_and_shows_local_vs_global(demo_db, runs, monkeypatch
 def test_sites_page_lists_refusals_with_reasons(demo_db, runs, monkeypatch):
     run_id = run_of(runs, dp="eps=1$")
     at = open_page(demo_db, "sites", run_id, monkeypatch)
+    if q.site_problems(q.connect(demo_db), run_id).empty:      # possible in a FEDCARE_TEST_DB store
+        assert "Every site-round of this run was accepted." in text_of(at)
+        return
     problems = at.dataframe[-1].value
     assert {"site", "status", "reason", "times"} <= set(problems.columns)
     if not os.environ.get("FEDCARE_TEST_DB"):
