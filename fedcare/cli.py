@@ -48,7 +48,7 @@ def simulate(
 
 @app.command()
 def demo(db: Optional[str] = typer.Option(None, help=DB_HELP),
-         rounds: int = typer.Option(5, help="Rounds of each simulation")) -> None:
+         rounds: int = typer.Option(3, help="Rounds of each simulation")) -> None:
     """The README's first command: four real hospitals (Fed-Heart-Disease), then a LoRA
     text model over four virtual hospitals, both stored in SQL."""
     from .launch import resolve_config

@@ -4,16 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from e2e import fedcare, simulate, simulation_superlinks
+from e2e import fedcare, simulate, superlinks_under
 
 pytestmark = pytest.mark.e2e
 
 
 def test_heart_disease_three_rounds_with_a_poisoned_site(tmp_path):
     db = f"sqlite:///{tmp_path}/fed.db"
-    before = simulation_superlinks()
     run_id, rep = simulate(db, "--task", "heart-disease", "--rounds", "3",
-                           "--set", "faults.site=switzerland", "--set", "faults.kind=nan")
+                           "--set", "faults.site=switzerland", "--set", "faults.kind=nan", workdir=tmp_path)
     assert rep["status"] == "completed" and rep["task"] == "heart-disease" and rep["strategy"] == "fedavg"
     assert [r["round"] for r in rep["rounds"]] == [1, 2, 3]
     for r in rep["rounds"]:
@@ -28,7 +27,8 @@ def test_heart_disease_three_rounds_with_a_poisoned_site(tmp_path):
     assert {"sex", "age_band", "by_site"} <= set(rep["fairness"])
     listed = json.loads(fedcare("runs", "--db", db, "--json").stdout)
     assert [r["run_id"] for r in listed] == [run_id]
-    assert not simulation_superlinks() - before, "simulate left a SuperLink running"
+    assert (tmp_path / "fedcare-runs" / run_id / "flwr-home").is_dir()
+    assert superlinks_under(tmp_path) == [], "simulate left its SuperLink running"
 
 
 def test_medical_abstracts_lora_with_heterogeneous_ranks(tmp_path):
