@@ -138,6 +138,18 @@ def _partition(folder: str, sites: int, alpha: float, test_fraction: float, seed
     return [(train[tr], test[te]) for tr, te in parts]
 
 
+def site_rows(sites: list[str], site_id: str, cfg: RunConfig) -> tuple[str, np.ndarray, np.ndarray]:
+    """(corpus folder, train rows, test rows) of one virtual site: the seeded Dirichlet
+    partition, then the optional per-site caps. Shared by every task on this corpus."""
+    folder = str(data_folder(cfg).resolve())
+    if site_id not in sites:
+        raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
+    k = sites.index(site_id)
+    train, test = _partition(folder, cfg.sites, cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.seed)[k]
+    return (folder, seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k),
+            seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k))
+
+
 class MedicalAbstractsTask(Task):
     name = "medical-abstracts"
     sensitive_attributes = ()   # the corpus has no demographics
@@ -147,14 +159,7 @@ class MedicalAbstractsTask(Task):
                 "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
-        folder = str(data_folder(cfg).resolve())
-        sites = self.site_ids(cfg)
-        if site_id not in sites:
-            raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
-        k = sites.index(site_id)
-        train, test = _partition(folder, cfg.sites, cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.seed)[k]
-        train = seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k)
-        test = seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k)
+        folder, train, test = site_rows(self.site_ids(cfg), site_id, cfg)
         labels = torch.as_tensor(load_corpus(folder).labels, dtype=torch.long)
 
         def tensors(idx: np.ndarray) -> TensorDataset:

@@ -35,8 +35,7 @@ from fedcare.errors import ConfigError, DataError
 
 from .adapters import attach_lora
 from .base import SiteSplit, Task
-from .data import seeded_subset
-from .medical_abstracts import _partition, data_folder, load_corpus
+from .medical_abstracts import data_folder, load_corpus, site_rows
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ABSTRACT_TOKENS = 64     # abstract truncated to this many tokens in the prompt
@@ -204,14 +203,7 @@ class MedicalLlmTask(Task):
         self._extras: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
-        folder = str(data_folder(cfg).resolve())
-        sites = self.site_ids(cfg)
-        if site_id not in sites:
-            raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
-        k = sites.index(site_id)
-        train, test = _partition(folder, cfg.sites, cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.seed)[k]
-        train = seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k)
-        test = seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k)
+        folder, train, test = site_rows(self.site_ids(cfg), site_id, cfg)
         source, corpus = model_source(cfg), load_corpus(folder)
         answers, amask = answer_tensor(tokenizer(source), corpus.class_names)
         labels = torch.as_tensor(corpus.labels, dtype=torch.long)
