@@ -11,7 +11,9 @@ not a DP experiment.
 """
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,3 +214,15 @@ if __name__ == "__main__":  # python tests/dashboard_demo.py sqlite:///demo.db
     import sys
 
     print(build_demo_store(sys.argv[1]))
+
+
+def demo_store_url(folder) -> str:
+    """The store the dashboard tests read: $FEDCARE_TEST_DB (e.g. a store from real
+    `fedcare simulate` runs) if set, else a demo store built in ``folder``."""
+    if os.environ.get("FEDCARE_TEST_DB"):
+        return os.environ["FEDCARE_TEST_DB"]
+    url = f"sqlite:///{folder / 'demo.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_demo_store(url)
+    return url

@@ -26,15 +26,9 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def demo_db(tmp_path_factory) -> str:
-    if os.environ.get("FEDCARE_TEST_DB"):
-        return os.environ["FEDCARE_TEST_DB"]
-    from dashboard_demo import build_demo_store
+    from dashboard_demo import demo_store_url
 
-    url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 'demo.db'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build_demo_store(url)
-    return url
+    return demo_store_url(tmp_path_factory.mktemp("dash"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -105,15 +104,9 @@ def _expand_for_screenshot(page) -> None:
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory) -> str:
-    if os.environ.get("FEDCARE_TEST_DB"):
-        return os.environ["FEDCARE_TEST_DB"]
-    from dashboard_demo import build_demo_store
+    from dashboard_demo import demo_store_url
 
-    url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'demo.db'}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        build_demo_store(url)
-    return url
+    return demo_store_url(tmp_path_factory.mktemp("browser"))
 
 
 @pytest.fixture(scope="module")
