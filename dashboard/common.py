@@ -6,6 +6,7 @@ Pages read only through ``fedcare.server.queries``; nothing here writes.
 from __future__ import annotations
 
 import datetime as dt
+import numbers
 import os
 from typing import Callable
 
@@ -139,7 +140,16 @@ def live(body: Callable[[], None], run: dict, engine) -> None:
 
 def plot(fig, key: str | None = None) -> None:
     fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.2))
+    if fig.layout.xaxis.title.text == "round":
+        # rounds are whole numbers: no 1.2, 1.4 ... ticks on short runs
+        fig.update_xaxes(tickformat="d", dtick=1 if _round_span(fig) <= 20 else None)
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
+
+
+def _round_span(fig) -> float:
+    xs = [x for trace in fig.data if getattr(trace, "x", None) is not None for x in trace.x]
+    numeric = [float(x) for x in xs if isinstance(x, numbers.Real) and not pd.isna(x)]
+    return max(numeric) - min(numeric) if numeric else 0.0
 
 
 def when(ts: float | None) -> str:

@@ -85,3 +85,19 @@ def sqlite_url(tmp_path) -> str:
 def db_url(request) -> str:
     """A fresh empty database URL, once per back-end."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "postgres_url")
+
+
+@pytest.fixture(scope="session")
+def simulated_store_url(tmp_path_factory) -> str:
+    """The store of one real ``fedcare simulate`` (real SuperLink, ``flwr run``, Ray):
+    Fed-Heart-Disease, 2 rounds, DP-SGD at epsilon 3 with a site budget, and a site
+    whose updates are poisoned (rejected by the server). Shared by the dashboard's
+    AppTest and browser tests, so the pages are checked on what a simulation writes."""
+    from e2e import simulate
+
+    folder = tmp_path_factory.mktemp("simulated")
+    url = f"sqlite:///{folder / 'simulated.db'}"
+    simulate(url, "--task", "heart-disease", "--rounds", "2", "--set", "dp.epsilon=3", "--set", "site.budget=10",
+             "--set", "faults.site=switzerland", "--set", "faults.kind=nan",
+             "--ledger-dir", str(folder / "ledgers"), workdir=folder)
+    return url

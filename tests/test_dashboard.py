@@ -88,6 +88,31 @@ def test_every_page_renders_the_run_with_a_chart(demo_db, runs, page, monkeypatc
         assert set(sites) <= set(table["site"])
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_on_a_real_simulation(simulated_store_url, page, monkeypatch):
+    """The pages on the store a real ``fedcare simulate`` wrote (DP, a rejected site)."""
+    engine = q.connect(simulated_store_url)
+    (run_id,) = q.list_runs(engine)["run_id"]
+    at = open_page(simulated_store_url, page, run_id, monkeypatch)
+    text = text_of(at)
+    assert run_id in text
+    if page != "events":
+        assert charts(at), f"no Plotly chart on {page}"
+    sites = q.site_totals(engine, run_id)["site"].tolist()
+    assert set(sites) == {"cleveland", "hungary", "switzerland", "va"}
+    if page == "sites":
+        assert set(sites) <= set(at.dataframe[0].value["site"])
+        problems = at.dataframe[-1].value
+        assert set(problems["site"]) == {"switzerland"} and problems["reason"].str.contains("non-finite").all()
+    if page == "privacy":
+        table = at.dataframe[0].value
+        assert set(table["site"]) == set(sites) and (table["epsilon"] > 0).all()
+    if page == "fairness":
+        assert at.radio(key="fair_attribute").options == ["age_band", "sex"]
+        assert {m.label for m in at.metric} >= {"Equalized odds difference", "Worst site"}
+
+
 def test_runs_page_lists_every_run(demo_db, runs, monkeypatch):
     at = open_page(demo_db, "runs", None, monkeypatch)
     table = at.dataframe[0].value

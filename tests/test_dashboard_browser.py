@@ -6,6 +6,7 @@ The store is the demo store of tests/dashboard_demo.py, or $FEDCARE_TEST_DB.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from fedcare.server import queries as q
 
@@ -22,6 +24,10 @@ pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+ALL_CHARTS_DRAWN = """() => {
+    const charts = [...document.querySelectorAll('[data-testid="stPlotlyChart"]')];
+    return charts.length > 0 && charts.every(c => c.querySelector('.main-svg'));
+}"""
 PAGES = {"runs": "", "convergence": "convergence", "sites": "sites", "fairness": "fairness",
          "privacy": "privacy", "events": "events"}
 
@@ -73,15 +79,22 @@ def wait_rendered(page, timeout_ms: int = 240_000, title: str | None = None) -> 
 
 
 def open_and_check(browser, url: str, title: str, shot: Path, must_contain: list[str], chart: bool = True) -> str:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    """Open ``url``, wait until the script finished and every chart on the page is
+    drawn, then until each of ``must_contain`` is in the page (or the time is up),
+    take a full-page screenshot and return the page's HTML."""
+    page = browser.new_page(viewport={"width": 1400, "height": 4000})   # tall: nothing waits below the fold
     try:
         page.goto(url, wait_until="domcontentloaded", timeout=180_000)
         wait_rendered(page, title=title)
         if chart:
-            page.wait_for_selector('.js-plotly-plot, [data-testid="stPlotlyChart"]', timeout=180_000)
-            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length > 0",
-                                   timeout=180_000)
+            page.wait_for_selector('[data-testid="stPlotlyChart"]', timeout=180_000)
+            page.wait_for_function(ALL_CHARTS_DRAWN, timeout=180_000)
         wait_rendered(page)
+        try:
+            page.wait_for_function("words => words.every(w => document.body.innerHTML.includes(w))",
+                                   arg=must_contain, timeout=60_000)
+        except PlaywrightTimeout:
+            pass                                  # the assertion below names what is missing
         html = page.content()
         _expand_for_screenshot(page)
         page.screenshot(path=str(shot), full_page=True)
@@ -94,6 +107,8 @@ def open_and_check(browser, url: str, title: str, shot: Path, must_contain: list
 
 def _expand_for_screenshot(page) -> None:
     """Streamlit scrolls inside its main block: size the viewport to the content."""
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.wait_for_timeout(300)
     height = page.evaluate("""() => {
         const main = document.querySelector('[data-testid=stMain]') || document.body;
         return Math.max(main.scrollHeight, document.body.scrollHeight);
@@ -109,14 +124,21 @@ def store_url(tmp_path_factory) -> str:
     return demo_store_url(tmp_path_factory.mktemp("browser"))
 
 
-@pytest.fixture(scope="module")
-def server(store_url, tmp_path_factory):
+@contextlib.contextmanager
+def serving(db: str, log: Path):
+    """``fedcare dashboard`` on ``db`` at a free loopback port; yields its address."""
     port = free_port()
-    proc = start_dashboard(store_url, port, tmp_path_factory.mktemp("log") / "dashboard.log")
+    proc = start_dashboard(db, port, log)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(store_url, tmp_path_factory):
+    with serving(store_url, tmp_path_factory.mktemp("log") / "dashboard.log") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +182,24 @@ def test_page_in_chromium(server, browser, shots, store_url, name):
     must = [run_id] + (sites if name not in ("events",) else [])
     open_and_check(browser, f"{server}/{PAGES[name]}?run={run_id}", name.capitalize(), shots / f"{name}.png", must)
     assert (shots / f"{name}.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def simulated_server(simulated_store_url, tmp_path_factory):
+    with serving(simulated_store_url, tmp_path_factory.mktemp("log") / "simulated.log") as address:
+        yield address
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(PAGES))
+def test_real_simulation_page_in_chromium(simulated_server, browser, shots, simulated_store_url, name):
+    """Every page on the store of a real ``fedcare simulate`` run (DP on, one site's
+    updates rejected)."""
+    (run_id,) = q.list_runs(q.connect(simulated_store_url))["run_id"]
+    must = [run_id] + (["cleveland", "hungary", "switzerland", "va"] if name != "events" else [])
+    open_and_check(browser, f"{simulated_server}/{PAGES[name]}?run={run_id}", name.capitalize(),
+                   shots / f"simulated-{name}.png", must)
+    assert (shots / f"simulated-{name}.png").stat().st_size > 10_000
 
 
 def test_task_without_sensitive_attributes_in_chromium(server, browser, shots, store_url):
