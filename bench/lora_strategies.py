@@ -57,8 +57,8 @@ class Scenario:
         return f"{self.strategy}/{self.aggregation}"
 
 
-def scenarios(quick: bool) -> list[Scenario]:
-    sites, alphas, eps = ([4], [1.0], [0.0]) if quick else ([4, 8], [0.3, 1.0], [0.0, 3.0])
+def scenarios(quick: bool, sites: list[int] | None = None) -> list[Scenario]:
+    sites, alphas, eps = ([4], [1.0], [0.0]) if quick else (sites or [4, 8], [0.3, 1.0], [0.0, 3.0])
     out = []
     for n, a, e in itertools.product(sites, alphas, eps):
         out += [Scenario(n, a, e, "fedavg", agg) for agg in ("naive", "ffa", "exact")]
@@ -67,9 +67,10 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 
 def common_sets(args) -> list[str]:
-    return [f"train.local_steps={args.local_steps}", f"data.max_train_per_site={args.max_train}",
+    sets = [f"train.local_steps={args.local_steps}", f"data.max_train_per_site={args.max_train}",
             f"data.max_test_per_site={args.max_test}", f"lora.r={args.rank}",
             f"train.batch_size={args.batch_size}"]
+    return sets + ([f"train.lr={args.lr}"] if args.lr else [])
 
 
 def scenario_sets(sc: Scenario, args) -> list[str]:
@@ -94,6 +95,10 @@ def run_federated(sc: Scenario, args, db: str) -> dict:
 def run_inprocess(sc: Scenario, args, db: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import run_federated as federate
+
+    import torch
+
+    torch.set_num_threads(args.threads)   # sites train one after another here: give each every core
 
     from fedcare.launch import default_ledger_dir, resolve_config
 
@@ -278,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="4 sites, alpha 1.0, no DP, 2 rounds of 2 steps, 16 train / 16 test examples per site")
     p.add_argument("--rounds", type=int)
+    p.add_argument("--sites", type=int, nargs="+", help="site counts of the grid (default: 4 8)")
     p.add_argument("--local-steps", type=int)
     p.add_argument("--max-train", type=int, help="train examples per site (0 = all)")
     p.add_argument("--max-test", type=int, help="test examples per site (0 = all)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--lr", type=float, help="local learning rate (default: the task's, 5e-4)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (inprocess engine)")
     p.add_argument("--db", help="store URL (default: a fresh SQLite file in a temporary folder)")
     p.add_argument("--out", type=Path, default=RESULTS / "lora_strategies.json")
     p.add_argument("--engine", choices=("inprocess", "simulate"), default="inprocess")
@@ -297,12 +305,26 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="fedcare-bench-")
     db = args.db or f"sqlite:///{tmp}/lora_strategies.db"
 
-    grid = scenarios(args.quick)
+    grid = scenarios(args.quick, args.sites)
     base: dict[str, dict] = {}
     for sites, alpha in sorted({(s.sites, s.alpha) for s in grid}):
         print(f"baselines: {sites} sites, alpha {alpha:g} ...", flush=True)
         base[f"{sites} sites, alpha {alpha:g}"] = baselines(sites, alpha, args)
-    rows = []
+    rows: list[dict] = []
+
+    def write(done: bool) -> None:
+        """The JSON so far (after every run, so a stopped bench keeps what it measured)."""
+        base_rows = [{"group": key, "label": f"baseline: {name}",
+                      **{k: v for k, v in b[name].items() if k != "per_site"}, "wall_s": b["wall_s"]}
+                     for key, b in base.items() for name in ("pooled", "alone")] if done else []
+        out = {"task": TASK, "quick": args.quick, "db": db, "engine": args.engine, "complete": done,
+               "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank",
+                                                     "batch_size", "seed", "lr", "threads")},
+               "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
+               "rows": rows + base_rows, "baselines": base}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, default=float))
+
     for sc in grid:
         print(f"run: {sc.group}: {sc.label} ...", flush=True)
         result = run_federated(sc, args, db)
@@ -310,16 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarise(result, pooled))
         if "error" in rows[-1]:
             print(f"  failed: {rows[-1]['error']}", flush=True)
-    for key, b in base.items():
-        for name in ("pooled", "alone"):
-            rows.append({"group": key, "label": f"baseline: {name}", **{k: v for k, v in b[name].items() if k != "per_site"},
-                         "wall_s": b["wall_s"]})
-    out = {"task": TASK, "quick": args.quick, "db": db, "engine": args.engine,
-           "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank",
-                                                 "batch_size", "seed")},
-           "rows": rows, "baselines": base}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=float))
+        else:
+            print(f"  accuracy {rows[-1]['accuracy']:.4f}, {rows[-1]['wall_s']:.0f} s", flush=True)
+        write(done=False)
+    write(done=True)
+    rows = json.loads(args.out.read_text())["rows"]
     print(table(rows))
     problem = plot([r for r in rows if "accuracy_per_round" in r], base, args.out.with_suffix(".png"))
     print(problem or f"plot: {args.out.with_suffix('.png')}")

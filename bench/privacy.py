@@ -147,6 +147,7 @@ def part_b(args) -> dict:
             cfg = RunConfig.from_flat({**get_task("medical-abstracts").defaults, "task": "medical-abstracts",
                                        "sites": 4, "rounds": args.b_rounds, "seed": 42,
                                        "train.local_steps": args.b_steps, "train.batch_size": args.b_batch,
+                                       **({"train.lr": args.b_lr} if args.b_lr else {}),
                                        "data.max_train_per_site": args.b_train, "data.max_test_per_site": args.b_test,
                                        "lora.aggregation": aggregation,
                                        **dp_sets(eps, args.b_delta, 1.0, args.accountant)}).validate()
@@ -160,7 +161,7 @@ def part_b(args) -> dict:
             print(f"  (b) {_label(eps):>7} {rows[-1]['lora']:>8}: accuracy {res['mean_accuracy']:.4f} "
                   f"macro-F1 {res['mean_macro_f1']:.4f} ({res['seconds']:.0f} s)", flush=True)
     return {"setup": {"task": "medical-abstracts", "sites": 4, "dirichlet_alpha": 1.0, "rounds": args.b_rounds,
-                      "local_steps": args.b_steps, "batch_size": args.b_batch,
+                      "local_steps": args.b_steps, "batch_size": args.b_batch, "lr": args.b_lr,
                       "max_train_per_site": args.b_train, "max_test_per_site": args.b_test,
                       "delta": args.b_delta, "max_grad_norm": 1.0, "accountant": args.accountant,
                       "note": "small subset on a shared CPU: absolute accuracies are far below a full run"},
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b-train", type=int, default=32)
     p.add_argument("--b-test", type=int, default=25)
     p.add_argument("--b-delta", type=float, default=1e-3)
+    p.add_argument("--b-lr", type=float, help="local learning rate for (b) (default: the task's)")
     p.add_argument("--c-batch", type=int, default=8)
     p.add_argument("--c-steps", type=int, default=3)
     p.add_argument("--c-repeats", type=int, default=5)
