@@ -257,8 +257,12 @@ def plot(rows: list[dict], base: dict, path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install -e .[bench]); no plot"
     groups = sorted({r["group"] for r in rows})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
+    cols = min(4, len(groups))
+    rows_n = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.flat, groups):
         for r in (r for r in rows if r["group"] == g and r.get("accuracy_per_round")):
             xs = [x for x, y in r["accuracy_per_round"] if y is not None]
             ys = [y for x, y in r["accuracy_per_round"] if y is not None]
