@@ -78,7 +78,7 @@ def federate(cfg: RunConfig, ledger_dir: Path, run_id: str) -> dict:
     for s in sites:
         scores, labels = predict_dataset(task, model, splits[s].test, cfg, CPU)
         m = task.metrics(scores, labels)
-        per_site[s] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": int(len(labels))}
+        per_site[s] = {**{k: float(v) for k, v in m.items() if isinstance(v, (int, float))}, "n_test": int(len(labels))}
     return {
         "per_site": per_site,
         "mean_accuracy": float(np.mean([m["accuracy"] for m in per_site.values()])),
