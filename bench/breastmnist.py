@@ -10,7 +10,7 @@ alone, with and without DP-SGD: test AUROC, accuracy and balanced accuracy.
 DP rows use the same target epsilon for every setting: each training set (a site's, or
 the pooled one) is the protected data set, with its own accountant. The training per
 round is exactly the ClientApp's (``fedcare.client.training.train_on_site`` with a real
-ledger, through ``bench/privacy.py``'s in-process FedAvg).
+ledger, through ``bench/privacy.py``'s in-process FedAvg; "alone" is that loop over one site).
 
     python bench/breastmnist.py [--rounds 5] [--local-steps 10] [--sites 4] [--epsilon 8]
 Writes bench/results/breastmnist.json and prints a table.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from privacy import CPU, dp_sets, federate  # noqa: E402
+from privacy import dp_sets, federate  # noqa: E402
 
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.models.registry import get_task  # noqa: E402
@@ -55,46 +56,23 @@ def weighted(per_site: dict) -> dict:
 
 def run(args, setting: str, epsilon: float | None) -> dict:
     steps = args.rounds * args.local_steps
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
         if setting == "federated":
             res = federate(config(args, args.sites, args.rounds, args.local_steps, epsilon), Path(tmp), "fed")
-            summary = weighted(res["per_site"])
         elif setting == "pooled":
             res = federate(config(args, 1, 1, steps * args.sites, epsilon), Path(tmp), "pooled")
-            summary = weighted(res["per_site"])
-        else:  # each site alone: a 1-round "federation" of one site per site, on that site's split
-            per_site, privacy = {}, {}
-            for k in range(args.sites):
-                cfg = config(args, args.sites, 1, steps, epsilon)
-                res = federate_one(cfg, f"site-{k}", Path(tmp))
-                per_site.update(res["per_site"])
-                privacy.update(res["privacy"])
-            res = {"per_site": per_site, "privacy": privacy}
-            summary = weighted(per_site)
+        else:  # each site of the federated partition alone, for as many steps as in the federation
+            cfg = config(args, args.sites, 1, steps, epsilon)
+            res = {"per_site": {}, "privacy": {}}
+            for site in get_task(TASK).site_ids(cfg):
+                one = federate(cfg, Path(tmp), f"alone-{site}", sites=[site])
+                res["per_site"].update(one["per_site"])
+                res["privacy"].update(one["privacy"])
     eps_spent = [p["epsilon"] for p in res["privacy"].values() if p]
-    return {"setting": setting, "epsilon": epsilon, **summary,
+    return {"setting": setting, "epsilon": epsilon, **weighted(res["per_site"]),
             "epsilon_spent_max": max(eps_spent) if eps_spent else None,
             "per_site": res["per_site"], "seconds": time.perf_counter() - t0}
-
-
-def federate_one(cfg: RunConfig, site: str, ledger_dir: Path) -> dict:
-    """One site of ``cfg``'s partition trained alone for one round of
-    ``cfg.train.local_steps`` steps (what its ClientApp runs), tested on its own split."""
-    from fedcare.client.ledger import SiteLedger, ledger_path_for
-    from fedcare.client.training import train_on_site
-    from fedcare.models.training import predict_dataset
-
-    task = get_task(TASK)
-    split = task.load_site(site, cfg)
-    model = task.build_model(cfg).to(CPU)
-    out = train_on_site(task, model, split, cfg, CPU, run_id=f"alone-{site}", server_round=1,
-                        ledger=SiteLedger(ledger_path_for(ledger_dir, site)), budget=0.0, dataset_id=site)
-    scores, labels = predict_dataset(task, model, split.test, cfg, CPU)
-    m = task.metrics(scores, labels)
-    return {"per_site": {site: {**{k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
-                                "n_test": int(len(labels))}},
-            "privacy": {site: out.privacy}}
 
 
 def table(rows: list[dict]) -> str:
@@ -126,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run(args, setting, epsilon))
             print(f"  {setting} {'no DP' if epsilon is None else f'eps {epsilon:g}'}: "
                   f"AUROC {rows[-1]['auroc']:.4f} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    import os
-
     out = {"task": TASK, "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "load_average": list(os.getloadavg()), "cpus": os.cpu_count(), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,8 @@ def time_queries(url: str, run_id: str, repeats: int = 3) -> dict[str, float]:
 
 def time_pages(url: str, run_id: str, loads: int, shots: Path | None) -> dict[str, list[float]]:
     from playwright.sync_api import sync_playwright
-    from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, free_port, start_dashboard, stop, wait_rendered
+    from test_dashboard_browser import (ALL_CHARTS_DRAWN, CHROMIUM, CHROMIUM_ARGS, free_port, start_dashboard, stop,
+                                        wait_rendered)
 
     port = free_port()
     proc = start_dashboard(url, port, Path(tempfile.gettempdir()) / "fedcare-bench-dashboard.log")
@@ -148,9 +149,7 @@ def time_pages(url: str, run_id: str, loads: int, shots: Path | None) -> dict[st
                     t = time.perf_counter()
                     page.goto(f"http://127.0.0.1:{port}/{path}?run={run_id}", wait_until="domcontentloaded")
                     wait_rendered(page, 300_000, title=name.capitalize())
-                    page.wait_for_function(
-                        "() => { const c = document.querySelectorAll('[data-testid=stPlotlyChart]');"
-                        " return c.length > 0 && [...c].every(x => x.querySelector('.main-svg')); }", timeout=300_000)
+                    page.wait_for_function(ALL_CHARTS_DRAWN, timeout=300_000)
                     results[name].append(time.perf_counter() - t)
                     if shots is not None and i == 0:
                         page.screenshot(path=str(shots / f"bench-{name}.png"))

@@ -316,16 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         base[f"{sites} sites, alpha {alpha:g}"] = baselines(sites, alpha, args)
     rows: list[dict] = []
 
-    def write(done: bool) -> None:
+    def write(rows: list[dict], done: bool) -> None:
         """The JSON so far (after every run, so a stopped bench keeps what it measured)."""
-        base_rows = [{"group": key, "label": f"baseline: {name}",
-                      **{k: v for k, v in b[name].items() if k != "per_site"}, "wall_s": b["wall_s"]}
-                     for key, b in base.items() for name in ("pooled", "alone")] if done else []
         out = {"task": TASK, "quick": args.quick, "db": db, "engine": args.engine, "complete": done,
                "settings": {k: getattr(args, k) for k in ("rounds", "local_steps", "max_train", "max_test", "rank",
                                                      "batch_size", "seed", "lr", "threads")},
-               "load_average": list(os.getloadavg()), "cpus": os.cpu_count(),
-               "rows": rows + base_rows, "baselines": base}
+               "load_average": list(os.getloadavg()), "cpus": os.cpu_count(), "rows": rows, "baselines": base}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=float))
 
@@ -338,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failed: {rows[-1]['error']}", flush=True)
         else:
             print(f"  accuracy {rows[-1]['accuracy']:.4f}, {rows[-1]['wall_s']:.0f} s", flush=True)
-        write(done=False)
-    write(done=True)
-    rows = json.loads(args.out.read_text())["rows"]
+        write(rows, done=False)
+    rows += [{"group": key, "label": f"baseline: {name}", **{k: v for k, v in b[name].items() if k != "per_site"},
+              "wall_s": b["wall_s"]} for key, b in base.items() for name in ("pooled", "alone")]
+    write(rows, done=True)
     print(table(rows))
     problem = plot([r for r in rows if "accuracy_per_round" in r], base, args.out.with_suffix(".png"))
     print(problem or f"plot: {args.out.with_suffix('.png')}")

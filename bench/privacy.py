@@ -50,11 +50,12 @@ warnings.filterwarnings("ignore")
 
 
 # --------------------------------------------------------------------------- federation
-def federate(cfg: RunConfig, ledger_dir: Path, run_id: str) -> dict:
-    """``cfg.rounds`` rounds of FedAvg over the task's sites; final per-site test metrics
-    and each site's privacy record after the last round."""
+def federate(cfg: RunConfig, ledger_dir: Path, run_id: str, sites: list[str] | None = None) -> dict:
+    """``cfg.rounds`` rounds of FedAvg over the task's sites (or over ``sites`` of its
+    partition: one site is that site training alone); final per-site test metrics and
+    each site's privacy record after the last round."""
     task = get_task(cfg.task)
-    sites = task.site_ids(cfg)
+    sites = sites or task.site_ids(cfg)
     splits = {s: task.load_site(s, cfg) for s in sites}
     models = {s: task.build_model(cfg).to(CPU) for s in sites}     # one cached model per site
     state = get_trainable_state(models[sites[0]])
