@@ -24,11 +24,11 @@ policy's fingerprint is the sha256 of the file's bytes; it goes into every audit
 from __future__ import annotations
 
 import hashlib
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedcare.compat import tomllib
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PolicyRefusal
 

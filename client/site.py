@@ -101,7 +101,10 @@ class Site:
         return _split(self.task.name, self.site_id, _data_key(self.cfg))
 
     def model(self) -> torch.nn.Module:
-        return _model(self.task.name, _model_key(self.cfg, self.lora_rank))
+        # A personalised site keeps a part of the model that no message overwrites: its
+        # model is its own, never shared with another virtual site in this process.
+        owner = self.site_id if self.cfg.lora.personalize else ""
+        return _model(self.task.name, _model_key(self.cfg, self.lora_rank), owner)
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +127,7 @@ def _split(task_name: str, site_id: str, data_key: str) -> SiteSplit:
 
 
 @functools.lru_cache(maxsize=2)
-def _model(task_name: str, model_key: str) -> torch.nn.Module:
+def _model(task_name: str, model_key: str, owner: str = "") -> torch.nn.Module:
     key = json.loads(model_key)
     cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"]})
     if key["rank"]:

@@ -62,8 +62,12 @@ def serve(socket_path: str | Path, preload: bool = True) -> None:
         while True:
             try:
                 conn = listener.accept()
-            except (OSError, EOFError, AuthenticationError):
-                continue  # e.g. a client without the key
+            except AuthenticationError as err:
+                print(f"rejected a connection that failed authentication: {err}", file=sys.stderr, flush=True)
+                continue
+            except (OSError, EOFError) as err:
+                print(f"dropped a connection: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                continue
             with conn:
                 try:
                     kind, msg, context, identity = conn.recv()
@@ -79,13 +83,15 @@ def serve(socket_path: str | Path, preload: bool = True) -> None:
 def _handle(kind: str, msg, context, identity: dict):
     from . import app
 
+    print(f"handling {kind} for Flower run {context.run_id}", flush=True)
     try:
         _set_task_identity(identity)
         handler = {"train": app.train, "evaluate": app.evaluate}[kind]
         reply = handler(msg, context)
         print(f"handled {kind} for Flower run {context.run_id}", flush=True)
         return ("ok", reply.content, context.state)
-    except BaseException as err:  # reported back to the ClientApp, which raises it
+    except Exception as err:  # reported back to the ClientApp, which raises it; SIGTERM
+        # (SystemExit) and Ctrl-C (KeyboardInterrupt) are not Exceptions: they end the worker
         return ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
 
 

@@ -71,7 +71,7 @@ def secrets_files() -> list[Path]:
 def oidc_configured(files: list[Path] | None = None) -> bool:
     """True when a secrets file has Streamlit's ``[auth]`` section with a redirect URI
     and cookie secret (st.login's requirements)."""
-    import tomllib
+    from fedcare.compat import tomllib
 
     for path in files if files is not None else secrets_files():
         try:
@@ -85,7 +85,7 @@ def oidc_configured(files: list[Path] | None = None) -> bool:
 
 
 def password_hash_from_secrets(files: list[Path] | None = None) -> str | None:
-    import tomllib
+    from fedcare.compat import tomllib
 
     for path in files if files is not None else secrets_files():
         try:

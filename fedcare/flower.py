@@ -39,9 +39,12 @@ def free_port() -> int:
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process fedcare starts (SuperLink, SuperNodes,
+    `flwr` commands, site workers, and the apps they spawn): nothing calls out."""
     env = os.environ.copy()
     env.update({
         "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "HF_HUB_OFFLINE": "1",

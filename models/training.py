@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
+from fedcare.errors import DataError
 
 from .base import Task
 
@@ -38,13 +39,12 @@ def make_train_loader(ds: Dataset, cfg: RunConfig, seed: int) -> DataLoader:
 
 
 def _cycle(loader: DataLoader) -> Iterator:
+    """Batches of ``loader`` forever. An empty Poisson epoch (possible under DP) is
+    sampled again; an empty dataset can never yield a batch, so it is a data error."""
+    if len(loader.dataset) == 0:
+        raise DataError("the site's training split is empty: nothing to train on")
     while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:  # empty Poisson epochs are possible under DP; keep sampling
-            continue
+        yield from loader
 
 
 @dataclass

@@ -8,12 +8,12 @@ continues a run whose ServerApp or SuperLink died, from its last committed round
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from fedcare.compat import tomllib
 from fedcare.errors import FedcareError
 
 server_app = typer.Typer(no_args_is_help=True)

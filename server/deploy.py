@@ -259,7 +259,7 @@ def start_superlink(tls: TlsFiles, database: Path, workdir: Path, *, host: str =
 def write_connection(flwr_home: Path, address: str, root_cert: Path, name: str = CONNECTION) -> Path:
     """Add (or replace) the SuperLink connection ``name`` in ``FLWR_HOME/config.toml``
     and make it the default; other connections in the file are kept."""
-    import tomllib
+    from fedcare.compat import tomllib
 
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
