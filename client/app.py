@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcare import __version__, schemas as S
-from fedcare.errors import FedcareError
+from fedcare.errors import FedcareError, PolicyRefusal
 from fedcare.models.state import get_trainable_state, set_trainable_state, state_nbytes
 from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
@@ -35,8 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     policy = _policy(site)
     try:
         split = site.split()
-        if policy is not None:
-            policy.check(site.cfg, app_identity(), len(split.train))
+        _admit(site, policy, len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
         received = _load_global(site, model, msg, context)
@@ -62,11 +61,11 @@ def train(msg: Message, context: Context) -> Message:
         S.DURATION_S: outcome.result.duration_s,
         S.UPDATE_BYTES: state_nbytes(shared),
     })
-    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: ""}
+    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)}
     if outcome.privacy is not None:
         info[S.PRIVACY_JSON] = json.dumps(outcome.privacy)
     if site.lora_rank:
-        info["lora_rank"] = site.lora_rank
+        info[S.LORA_RANK] = site.lora_rank
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
     return Message(RecordDict({S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}), reply_to=msg)
@@ -76,22 +75,31 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     rnd = int(msg.content[S.CONFIG].get("server-round", 0))
-    split = site.split()
+    policy = _policy(site)
+    try:
+        split = site.split()
+        _admit(site, policy, len(split.train))
+    except FedcareError as err:
+        _audit(site, policy, rnd, "evaluate", "", 0, None, "refused", str(err))
+        return _refusal(msg, site, str(err))
     model = site.model()
     from fedcare.models.fairness import site_counts
 
     _load_global(site, model, msg, context, personal=False)
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
     metrics = site.task.metrics(scores, labels)
-    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: ""}
-    fairness = site_counts(scores, labels, split.groups, site.cfg.site.min_group_size, site.site_id)
-    info[S.FAIRNESS_JSON] = json.dumps(fairness)
+    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)}
+    fairness = None
+    if policy is None or policy.send_group_counts:
+        min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0))
+        fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
+        info[S.FAIRNESS_JSON] = json.dumps(fairness)
     if site.cfg.lora.personalize and _personal_state(context):
         _load_global(site, model, msg, context, personal=True)
         ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
         info[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
     payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
-    _audit(site, _policy(site), rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
+    _audit(site, policy, rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
     content = RecordDict({
         S.METRICS: MetricRecord({S.NUM_EXAMPLES: len(labels), **metrics}),
         S.SITE: ConfigRecord(info),
@@ -103,6 +111,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 def app_identity() -> dict[str, str]:
     """What a site policy can allow-list: the fedcare release that runs here."""
     return {"fedcare_version": __version__}
+
+
+def _admit(site: Site, policy, num_train: int) -> None:
+    """Raise ``PolicyRefusal`` if this site may not take part in the run at all: the
+    same check for every message kind. Fault injection is for simulations only."""
+    if site.cfg.faults.kind and not site.simulated:
+        raise PolicyRefusal(f"fault injection (faults.kind={site.cfg.faults.kind}) runs only in simulation; "
+                            "a deployed site refuses it")
+    if policy is not None:
+        policy.check(site.cfg, app_identity(), num_train)
 
 
 def _policy(site: Site):
@@ -178,6 +196,11 @@ def _audit(site: Site, policy, rnd: int, kind: str, sha256: str, nbytes: int, pr
     )
 
 
+def _nonce(msg: Message) -> str:
+    """The server's nonce for this round, echoed so a reply cannot be replayed later."""
+    return str(msg.content[S.CONFIG].get(S.NONCE, ""))
+
+
 def _refusal(msg: Message, site: Site, reason: str) -> Message:
-    info = ConfigRecord({S.SITE_ID: site.site_id, S.STATUS: "refused", S.REASON: reason})
+    info = ConfigRecord({S.SITE_ID: site.site_id, S.STATUS: "refused", S.REASON: reason, S.NONCE: _nonce(msg)})
     return Message(RecordDict({S.SITE: info}), reply_to=msg)

@@ -18,6 +18,12 @@ The policy is a TOML file owned by the site (never sent by the server)::
     allowed_fedcare_versions = ["0.1.0"]       # enforced when listed
     allowed_fab_hashes = []                    # enforced when listed
 
+    [evaluation]
+    send_group_counts = true     # false: evaluation replies carry no per-group counts
+    min_group_size = 0           # suppress groups smaller than this (the run's value if higher)
+
+The policy is checked for every message kind (train, evaluate); a refusal is a normal
+reply with the reason. Fault injection (``faults.*``) is refused at every deployed site.
 Every list that is present and non-empty must contain the run's value (AND). The
 policy's fingerprint is the sha256 of the file's bytes; it goes into every audit entry.
 """
@@ -38,6 +44,7 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "data": {"min_local_examples": int},
     "code": {"allowed_tasks": list, "allowed_base_models": list,
              "allowed_fedcare_versions": list, "allowed_fab_hashes": list},
+    "evaluation": {"send_group_counts": bool, "min_group_size": int},
 }
 
 
@@ -55,6 +62,8 @@ class SitePolicy:
     allowed_base_models: tuple[str, ...] = ()
     allowed_fedcare_versions: tuple[str, ...] = ()
     allowed_fab_hashes: tuple[str, ...] = field(default=())
+    send_group_counts: bool = True
+    min_group_size: int = 0
 
     # ------------------------------------------------------------------- loading
     @classmethod
@@ -133,7 +142,8 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
                 raise ConfigError(f"site policy {path}: unknown key '{key}' in [{section}]; "
                                   f"known: {', '.join(_SECTIONS[section])}")
             out[key] = _coerce(path, f"{section}.{key}", raw, typ)
-    for key in ("epsilon_cap", "max_epsilon_per_run", "min_noise_multiplier", "min_local_examples"):
+    for key in ("epsilon_cap", "max_epsilon_per_run", "min_noise_multiplier", "min_local_examples",
+                "min_group_size"):
         if out.get(key, 0) < 0:
             raise ConfigError(f"site policy {path}: {key} must be >= 0")
     return out

@@ -37,7 +37,12 @@ class Site:
     def from_context(cls, context: Context) -> "Site":
         cfg = RunConfig.from_flat(context.run_config, strict=False)
         nc = dict(context.node_config)
-        if nc.get("data-path"):
+        if "site-id" in nc:
+            # Deployed: where the site reads and writes is the site's own start-up,
+            # never the coordinator's run config.
+            cfg.data.path = str(nc.get("data-path") or "")
+            cfg.site.ledger_dir = ""
+        elif nc.get("data-path"):
             cfg.data.path = str(nc["data-path"])
         cfg.validate()
         task = get_task(cfg.task)
@@ -52,6 +57,11 @@ class Site:
         else:
             raise ConfigError("node config needs 'site-id' (deployment) or 'partition-id' (simulation)")
         return cls(site_id=site_id, cfg=cfg, task=task, node_config=nc)
+
+    @property
+    def simulated(self) -> bool:
+        """A virtual site of a simulation (Flower's ``partition-id``, no ``site-id``)."""
+        return "site-id" not in self.node_config and "partition-id" in self.node_config
 
     # ------------------------------------------------------------- paths
     @property

@@ -94,6 +94,7 @@ class RuntimeConfig:
     run_id: str = ""
     db: str = ""
     start_round: int = 1
+    sites_file: str = ""     # JSON {node id: site id} written when site keys are registered
 
 
 @dataclass

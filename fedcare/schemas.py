@@ -29,6 +29,8 @@ REASON = "reason"
 PRIVACY_JSON = "privacy_json"   # PrivacySpend as JSON (DP runs)
 FAIRNESS_JSON = "fairness_json"  # per-group counts as JSON (evaluate replies)
 LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
+LORA_RANK = "lora_rank"         # the LoRA rank the site trains at (heterogeneous ranks)
+NONCE = "nonce"                 # in CONFIG (server -> site) and echoed in SITE: one per round
 
 # --- site-round statuses in the store ----------------------------------------------
 ACCEPTED = "accepted"    # update aggregated
@@ -62,6 +64,42 @@ class SiteRound:
     @property
     def accepted(self) -> bool:
         return self.status == ACCEPTED
+
+
+@dataclass
+class SiteUpdate:
+    """One site's reply to one message, decoded once on arrival (``server/replies.py``);
+    screening, aggregation and the store use this, never the raw message.
+
+    ``site`` is the site the authenticated node is (registered or first seen as), not
+    what the reply says about itself; ``status`` is "ok" or REFUSED/FAILED/REJECTED."""
+
+    node_id: int
+    site: str
+    status: str
+    reason: str = ""
+    num_examples: int = 0
+    train_loss: float | None = None
+    update_bytes: int = 0
+    duration_s: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    fairness: dict[str, Any] | None = None
+    local_metrics: dict[str, float] | None = None
+    lora_rank: int | None = None
+    arrays: dict[str, np.ndarray] | None = None
+    message: Any = None              # the Flower reply, for strategies that aggregate messages
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def site_round(self) -> "SiteRound":
+        status = ACCEPTED if self.ok else self.status
+        return SiteRound(site=self.site, status=status, reason=self.reason, node_id=self.node_id,
+                         num_examples=self.num_examples, train_loss=self.train_loss,
+                         update_bytes=self.update_bytes, duration_s=self.duration_s,
+                         metrics=dict(self.metrics), privacy=self.privacy)
 
 
 @dataclass

@@ -6,8 +6,8 @@ last committed round with the stored global state.
 """
 from __future__ import annotations
 
-import json
 import logging
+import secrets
 import time
 
 import numpy as np
@@ -52,6 +52,9 @@ class Federation:
         self.grid, self.cfg, self.store, self.run_id = grid, cfg, store, run_id
         self.node_ranks: dict[int, int] = {}
         self.node_sites: dict[int, str] = {}   # learnt from replies, to name a site that drops out
+        from .replies import Identities
+
+        self.identities = Identities.from_file(cfg.runtime.sites_file)
         self.task = get_task(cfg.task)
         self.strategy = build_strategy(cfg, self.task)
         if cfg.dp.level == "client":
@@ -85,10 +88,12 @@ class Federation:
         cfg = self.cfg
         timeout = cfg.strategy.round_timeout
         shared = self._shared(state)
-        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord(), self.grid))
+        nonce = secrets.token_hex(16)   # echoed by every site: a reply from an earlier round is stale
+        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord({S.NONCE: nonce}),
+                                                  self.grid))
         self._fit_ranks(msgs, shared)
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
-        sites, accepted_msgs = self._screen(msgs, replies, shared)
+        sites, accepted_msgs = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
         metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs))}
         if len(accepted_msgs) >= cfg.strategy.min_sites:
             arrays, agg_metrics = self.strategy.aggregate_train(rnd, accepted_msgs)
@@ -112,6 +117,8 @@ class Federation:
         for s in sites:
             if s.status == S.REFUSED:
                 self.store.add_event(self.run_id, "site_refused", f"round {rnd}: {s.site} refused: {s.reason}")
+            elif s.status == S.REJECTED:
+                self.store.add_event(self.run_id, "site_rejected", f"round {rnd}: {s.site}: {s.reason}")
         log.info("round %d/%d stored: %s", rnd, cfg.rounds, {k: round(v, 4) for k, v in metrics.items()})
         return state
 
@@ -147,78 +154,70 @@ class Federation:
                 raise TimeoutError(f"fewer than strategy.min_sites={need} sites connected")
             time.sleep(1.0)
 
-    def _screen(self, sent: list[Message], replies: list[Message], shared: dict[str, np.ndarray]):
-        """Per-site outcome of a training round; only accepted replies are aggregated."""
-        from fedcare.strategies.screening import screen_updates
+    def _parse(self, sent: list[Message], replies: list[Message], kind: str, nonce: str,
+               shared: dict[str, np.ndarray] | None = None) -> list[S.SiteUpdate]:
+        """One ``SiteUpdate`` per message sent: its reply decoded, or why there is none."""
+        from .replies import parse_reply
 
+        expected = {k: (v.shape, str(v.dtype)) for k, v in (shared or {}).items()}
+        hetero = self.task.uses_lora and self.cfg.lora.aggregation != "ffa"
         by_node = {m.metadata.src_node_id: m for m in replies}
-        sites: list[S.SiteRound] = []
-        candidates: list[tuple[str, dict, int]] = []
-        msg_of: dict[str, Message] = {}
+        updates = []
         for m in sent:
             node = m.metadata.dst_node_id
             reply = by_node.get(node)
             if reply is None:
-                sites.append(S.SiteRound(site=self._site_name(node), node_id=node, status=S.FAILED,
-                                         reason=f"no reply within {self.cfg.strategy.round_timeout:.0f} s"))
+                updates.append(S.SiteUpdate(node_id=node, site=self._site_name(node), status=S.FAILED,
+                                            reason=f"no reply within {self.cfg.strategy.round_timeout:.0f} s"))
                 continue
-            if reply.has_error():
-                sites.append(S.SiteRound(site=self._site_name(node), node_id=node, status=S.FAILED,
-                                         reason=f"site error: {reply.error.reason}"))
-                continue
-            info = reply.content.config_records.get(S.SITE, ConfigRecord())
-            site_id = str(info.get(S.SITE_ID, self._site_name(node)))
-            self.node_sites[node] = site_id
-            if info.get(S.STATUS) == "refused":
-                sites.append(S.SiteRound(site=site_id, node_id=node, status=S.REFUSED, reason=str(info.get(S.REASON))))
-                continue
-            metrics = reply.content.metric_records.get(S.METRICS, {})
-            privacy = json.loads(info[S.PRIVACY_JSON]) if S.PRIVACY_JSON in info else None
-            row = S.SiteRound(
-                site=site_id, node_id=node, status=S.ACCEPTED,
-                num_examples=int(metrics.get(S.NUM_EXAMPLES, 0)),
-                train_loss=_f(metrics.get(S.TRAIN_LOSS)), update_bytes=int(metrics.get(S.UPDATE_BYTES, 0)),
-                duration_s=_f(metrics.get(S.DURATION_S)), privacy=privacy,
-                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            )
-            if "lora_rank" in info:
-                self.node_ranks[node] = int(info["lora_rank"])
-            arrays = reply.content.array_records.get(S.ARRAYS)
-            update = from_array_record(arrays) if arrays is not None else {}
-            candidates.append((site_id, update, row.num_examples))
-            msg_of[site_id] = reply
-            sites.append(row)
+            update = parse_reply(reply, kind, self.identities, nonce, expected, allow_lower_rank=hetero)
+            if not update.site.startswith("node-"):
+                self.node_sites[node] = update.site
+            updates.append(update)
+        return updates
+
+    def _screen(self, updates: list[S.SiteUpdate], shared: dict[str, np.ndarray]):
+        """Per-site outcome of a training round; only accepted replies are aggregated."""
+        from fedcare.strategies.screening import screen_updates
+
+        ok = [u for u in updates if u.ok]
+        for u in ok:
+            if u.lora_rank:
+                self.node_ranks[u.node_id] = u.lora_rank
         expected = {k: (v.shape, str(v.dtype)) for k, v in shared.items()}
         hetero = self.task.uses_lora and self.cfg.lora.aggregation != "ffa"
-        accepted, rejected = screen_updates(expected, candidates, self.cfg.strategy.screen_norm_factor,
+        accepted, rejected = screen_updates(expected, [(u.site, u.arrays, u.num_examples) for u in ok],
+                                            self.cfg.strategy.screen_norm_factor,
                                             global_state=shared, allow_lower_rank=hetero)
+        sites = [u.site_round() for u in updates]
         for row in sites:
-            if row.site in rejected:
+            if row.status == S.ACCEPTED and row.site in rejected:
                 row.status, row.reason = S.REJECTED, rejected[row.site]
+        msg_of = {u.site: u.message for u in ok}
         return sites, [msg_of[s] for s in accepted]
 
     def _evaluate(self, rnd: int, state: dict[str, np.ndarray]):
         from fedcare.models.fairness import aggregate
 
-        msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)), ConfigRecord(), self.grid))
-        replies = [r for r in self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout)
-                   if not r.has_error()]
+        nonce = secrets.token_hex(16)
+        msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
+                                                     ConfigRecord({S.NONCE: nonce}), self.grid))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout))
         evaluations: list[S.Evaluation] = []
         counts: dict[str, dict] = {}
         totals: dict[str, float] = {}
         n_total = 0
-        for r in replies:
-            info = r.content.config_records.get(S.SITE, ConfigRecord())
-            site_id = str(info.get(S.SITE_ID))
-            self.node_sites[r.metadata.src_node_id] = site_id
-            m = {k: float(v) for k, v in r.content.metric_records[S.METRICS].items() if isinstance(v, (int, float))}
+        for u in self._parse(msgs, replies, "evaluate", nonce):
+            if not u.ok:   # refused, failed or rejected: recorded, never silently dropped
+                self.store.add_event(self.run_id, f"evaluate_{u.status}", f"round {rnd}: {u.site}: {u.reason}")
+                continue
+            m = dict(u.metrics)
             n = int(m.pop(S.NUM_EXAMPLES, 0))
-            evaluations.append(S.Evaluation(scope=site_id, metrics=m, num_examples=n))
-            if S.LOCAL_METRICS_JSON in info:
-                evaluations.append(S.Evaluation(scope=site_id, metrics=json.loads(info[S.LOCAL_METRICS_JSON]),
-                                                num_examples=n, kind="local"))
-            if S.FAIRNESS_JSON in info:
-                counts[site_id] = json.loads(info[S.FAIRNESS_JSON])
+            evaluations.append(S.Evaluation(scope=u.site, metrics=m, num_examples=n))
+            if u.local_metrics is not None:
+                evaluations.append(S.Evaluation(scope=u.site, metrics=u.local_metrics, num_examples=n, kind="local"))
+            if u.fairness is not None:
+                counts[u.site] = u.fairness
             n_total += n
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * n
@@ -232,7 +231,3 @@ class Federation:
             evaluations.insert(0, S.Evaluation(scope="global", metrics=glob, num_examples=n_total))
         fairness = aggregate(counts) if counts else None
         return evaluations, fairness
-
-
-def _f(v) -> float | None:
-    return None if v is None else float(v)

@@ -30,7 +30,7 @@ def expected_from_state(state: Mapping[str, np.ndarray]) -> dict[str, tuple[tupl
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in state.items()}
 
 
-def _shape_ok(key: str, got: tuple[int, ...], want: tuple[int, ...], allow_lower_rank: bool) -> bool:
+def shape_ok(key: str, got: tuple[int, ...], want: tuple[int, ...], allow_lower_rank: bool) -> bool:
     if got == want:
         return True
     if not allow_lower_rank or len(got) != len(want) or len(got) < 2:
@@ -56,7 +56,7 @@ def structural_problem(expected: Expected, update: Mapping[str, np.ndarray],
     for k, (shape, dtype) in expected.items():
         v = update[k]
         got = tuple(np.shape(v))
-        if not _shape_ok(k, got, tuple(shape), allow_lower_rank):
+        if not shape_ok(k, got, tuple(shape), allow_lower_rank):
             return f"shape {got} != {tuple(shape)} for {k}"
         if str(np.asarray(v).dtype) != dtype:
             return f"dtype {np.asarray(v).dtype} != {dtype} for {k}"
