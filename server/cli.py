@@ -87,8 +87,10 @@ def launch(cfg, store, run_id: str, flwr_home: Path, quiet: bool) -> str:
     from fedcare.flower import flwr_env, flwr_run, stop, workdir_for
     from fedcare.launch import follow
 
-    from .deploy import CONNECTION
+    from .deploy import CONNECTION, SITES_FILE
 
+    if (flwr_home / SITES_FILE).exists():   # replies are attributed by registered node
+        cfg.runtime.sites_file = str((flwr_home / SITES_FILE).resolve())
     work = workdir_for(run_id)
     log_path = work / f"flwr-run-from-round-{store.last_round(run_id) + 1}.log"
     proc = flwr_run(cfg, flwr_env(flwr_home), CONNECTION, log_path)

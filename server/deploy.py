@@ -289,11 +289,25 @@ def register_site(public_key: Path, flwr_home: Path, name: str = CONNECTION) -> 
         raise DeploymentError(f"`flwr supernode register {public_key}` failed: "
                               f"{last_error(proc.stdout + proc.stderr)}") from None
     if reply.get("success"):
+        record_site(flwr_home, int(reply["node-id"]), Path(public_key).stem)
         return int(reply["node-id"])
     message = str(reply.get("error-message", "")).strip().splitlines()
     if any("already in use" in m for m in message):
         return None
     raise DeploymentError(f"registering {public_key} failed: {message[-1] if message else proc.stderr.strip()}")
+
+
+SITES_FILE = "fedcare-sites.json"   # in FLWR_HOME: node id -> site id, read by the ServerApp
+
+
+def record_site(flwr_home: Path, node_id: int, site_id: str) -> Path:
+    """Bind a registered node to the site whose key it holds (``<site_id>.pub``): the
+    server attributes that node's replies to this site id, whatever they claim."""
+    path = Path(flwr_home) / SITES_FILE
+    sites = json.loads(path.read_text()) if path.exists() else {}
+    sites[str(node_id)] = site_id
+    path.write_text(json.dumps(sites, indent=1, sort_keys=True))
+    return path
 
 
 def registered_nodes(flwr_home: Path, name: str = CONNECTION) -> list[dict]:

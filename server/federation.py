@@ -71,6 +71,9 @@ class Federation:
             for row in store.site_rounds(self.run_id):   # who was who, before the restart
                 if row.get("node_id") and not str(row["site"]).startswith("node-"):
                     self.node_sites[int(row["node_id"])] = row["site"]
+            from fedcare.strategies.client_dp import restore_releases
+
+            restore_releases(self.strategy, store.rounds(self.run_id))
             store.add_event(self.run_id, "resumed", f"resuming at round {start} of {cfg.rounds}")
         else:
             state = initial_state(cfg)

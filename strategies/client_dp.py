@@ -130,6 +130,13 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         return arrays, metrics
 
 
+def restore_releases(strategy: Strategy, stored_rounds: Iterable[dict]) -> None:
+    """On resume: the noisy aggregations already released in the stored rounds (each
+    round that released one stored its ``client_epsilon``) count towards the epsilon."""
+    if isinstance(strategy, ClientLevelDP):
+        strategy.releases = sum("client_epsilon" in (r.get("metrics") or {}) for r in stored_rounds)
+
+
 def _uniform_copy(msg: Message, current: dict[str, np.ndarray]) -> Message:
     """A copy of a reply with its arrays in the global state's key order (Flower's
     clipping pairs arrays by position) and a weight of 1 (uniform mean)."""

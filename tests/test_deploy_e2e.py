@@ -184,14 +184,15 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
     assert sites["cleveland"]["accepted"] and sites["hungarian"]["accepted"]
     assert sites["cleveland"]["num_examples"] == 199 and sites["hungarian"]["num_examples"] == 172
     assert not sites["va"]["accepted"] and "differential privacy is required" in sites["va"]["reason"]
-    assert set(rep["final"]["per_site"]) == {"cleveland", "hungarian", "va"}
+    assert set(rep["final"]["per_site"]) == {"cleveland", "hungarian"}
 
     from fedcare.client.audit import AuditLog
 
     va_log = AuditLog(fed.sites["va"].audit)
     entries = [e for e in va_log.entries() if e["run_id"] == run_id]
     fingerprint = hashlib.sha256(fed.sites["va"].policy.read_bytes()).hexdigest()
-    assert [(e["kind"], e["decision"]) for e in entries] == [("train", "refused"), ("evaluate", "sent")]
+    # the policy answers every message kind: VA neither trains nor evaluates for this run
+    assert [(e["kind"], e["decision"]) for e in entries] == [("train", "refused"), ("evaluate", "refused")]
     assert all(e["policy_fingerprint"] == fingerprint for e in entries)
     assert "handled train" in fed.workers[0].log()  # cleveland's messages went through its worker
     sent = [e for e in AuditLog(fed.sites["cleveland"].audit).entries() if e["kind"] == "train"]
@@ -207,6 +208,43 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
     shutil.copy(f"{fed.sites['va'].audit}.head", f"{copy}.head")
     bad = fed.fedcare("site", "audit", "--log", str(copy), "--verify", timeout=120)
     assert bad.returncode == 1 and "edited" in bad.stderr
+
+
+def test_deployed_sites_refuse_fault_injection_with_the_reason(fed):
+    out = fed.fedcare("server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet", *FAST,
+                      "--set", "faults.site=cleveland", "--set", "faults.kind=hang")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = fed.report(out.stdout.split()[1].rstrip(":"))
+    sites = {s["site"]: s for s in rep["rounds"][0]["sites"]}
+    assert set(sites) == {"cleveland", "hungarian", "va"}
+    assert all(not s["accepted"] and "fault injection (faults.kind=hang) runs only in simulation" in s["reason"]
+               for s in sites.values()), sites
+
+
+def test_a_node_registered_as_one_site_cannot_answer_as_another(fed):
+    """Mallory's key is registered as 'mallory'; its SuperNode starts with site-id
+    'cleveland'. The server attributes its replies to mallory and rejects them."""
+    folder = fed.root / "sites" / "mallory"
+    data = folder / "data"
+    data.mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "heart-disease" / CENTRES["hungarian"], data)
+    keys = create_site_keys("mallory", folder / "keys")
+    node_id = register_site(keys.public_key, fed.flwr_home)
+    assert json.loads((fed.flwr_home / "fedcare-sites.json").read_text())[str(node_id)] == "mallory"
+    spec = SiteSpec(site_id="cleveland", node_key=keys.private_key, data_path=data, port=free_port())
+    node = start_supernode(spec, fed.address, fed.tls.ca_cert, folder / "logs", flwr_home=fed.flwr_home)
+    try:
+        assert wait_joined(node, 120) == node_id
+        out = fed.fedcare("server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet", *FAST)
+        assert out.returncode == 0, out.stdout + out.stderr
+        rep = fed.report(out.stdout.split()[1].rstrip(":"))
+    finally:
+        node.stop()
+    sites = {s["site"]: s for s in rep["rounds"][0]["sites"]}
+    assert sites["cleveland"]["accepted"] and sites["hungarian"]["accepted"]
+    assert not sites["mallory"]["accepted"]
+    assert sites["mallory"]["reason"] == (f"reply claims site 'cleveland' but node {node_id} "
+                                          "is registered as 'mallory'")
 
 
 def _wait(cond, timeout: float, what: str, poll: float = 1.0):

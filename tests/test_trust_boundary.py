@@ -233,3 +233,43 @@ def test_the_policy_answers_evaluate_too_and_limits_what_it_sends(tmp_path):
             continue
         # switzerland's policy suppresses every group under 1000 patients, the run asked for 5
         assert any("switzerland" in g.get("suppressed_at", []) for g in summary["by_group"].values()), summary["by_group"]
+
+
+# ----------------------------------------------------------------------------- client-level DP resume
+class CrashingGrid(InProcessGrid):
+    """The coordinator dies when round ``crash_at``'s training messages go out."""
+
+    def __init__(self, cfg, num_sites, crash_at):
+        super().__init__(cfg, num_sites)
+        self.crash_at, self.trains = crash_at, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type.startswith("train"):
+            self.trains += 1
+            if self.trains == self.crash_at:
+                raise KeyboardInterrupt("the coordinator is killed")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_client_level_epsilon_counts_the_rounds_released_before_a_resume(tmp_path):
+    from fedcare.strategies.client_dp import client_level_epsilon
+
+    cfg = resolve_config("heart-disease", ["train.local_steps=2", "dp.level=client", "dp.noise_multiplier=2.0",
+                                           "dp.delta=1e-3", "dp.accountant=rdp"], rounds=3, seed=5)
+    cfg.runtime.db = f"sqlite:///{tmp_path}/cdp.db"
+    store = Store(cfg.runtime.db)
+    cfg.runtime.run_id = store.create_run(cfg.task, cfg.strategy.name, cfg.to_dict(), "test")
+    store.close()
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(CrashingGrid(cfg, 4, crash_at=3), cfg)      # rounds 1 and 2 stored, then killed
+    run_federation(InProcessGrid(cfg, 4), cfg)                     # `fedcare server resume`: round 3
+    store = Store(cfg.runtime.db)
+    try:
+        rounds = store.rounds(cfg.runtime.run_id)
+        events = [e["kind"] for e in store.events(cfg.runtime.run_id)]
+    finally:
+        store.close()
+    assert [r["round"] for r in rounds] == [1, 2, 3] and "resumed" in events
+    fresh = [client_level_epsilon(2.0, n, 1.0, 1e-3, "rdp") for n in (1, 2, 3)]
+    assert [r["metrics"]["client_epsilon"] for r in rounds] == pytest.approx(fresh)
