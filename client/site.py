@@ -78,9 +78,14 @@ class Site:
     @property
     def dataset_id(self) -> str:
         """The account the privacy ledger charges: the same records, the same account,
-        whatever the run. Bundled data: task + site; a site's own data: its path."""
+        whatever the run. Bundled data: task + site; a site's own data: the dataset_id of
+        its dataset.toml (so moving or renaming the folder keeps the account), else its path."""
+        from fedcare.models.sitedata import describe, has_description
+
         if self.node_config.get("dataset-id"):
             return str(self.node_config["dataset-id"])
+        if has_description(self.cfg.data.path):
+            return describe(self.cfg.data.path).dataset_id
         if self.cfg.data.path:
             return f"{self.task.name}/{Path(self.cfg.data.path).resolve()}"
         return f"{self.task.name}/{self.site_id}"
