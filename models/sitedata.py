@@ -357,7 +357,9 @@ def seeded_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.nda
     if len(idx) < 2:
         return idx, idx[:0]
     _, counts = np.unique(y, return_counts=True)
-    stratify = y if len(counts) > 1 and (counts >= 2).all() else None
+    n_test = int(np.ceil(test_fraction * len(y)))
+    fits = min(n_test, len(y) - n_test) >= len(counts)
+    stratify = y if len(counts) > 1 and (counts >= 2).all() and fits else None
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
     return np.sort(tr), np.sort(te)
 
