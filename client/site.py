@@ -113,13 +113,19 @@ class Site:
         return pick_device()
 
 
+#: the run's data contract (config keys): part of what determines the model
+CONTRACT_KEYS = ("labels", "features", "image_size", "text_length", "prompt_template")
+
+
 def _data_key(cfg: RunConfig) -> str:
     return json.dumps({"data": cfg.to_dict()["data"], "sites": cfg.sites, "seed": cfg.seed}, sort_keys=True)
 
 
 def _model_key(cfg: RunConfig, rank: int | None) -> str:
     d = cfg.to_dict()
-    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled}, sort_keys=True)
+    contract = {k: d["data"][k] for k in CONTRACT_KEYS}   # label count, feature width... shape the model
+    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled, "data": contract},
+                      sort_keys=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,7 +137,7 @@ def _split(task_name: str, site_id: str, data_key: str) -> SiteSplit:
 @functools.lru_cache(maxsize=2)
 def _model(task_name: str, model_key: str) -> torch.nn.Module:
     key = json.loads(model_key)
-    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"]})
+    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"], "data": key["data"]})
     if key["rank"]:
         cfg.lora.r = key["rank"]
     model = get_task(task_name).build_model(cfg)
