@@ -219,7 +219,9 @@ class Table:
         name = self.names[self.file[i]]
         if self.row[i] == 0:    # one row per file (an image in a class folder)
             return name
-        return f"{name} line {self.row[i] + 1}" if name.endswith(".csv") else f"{name} row {self.row[i]}"
+        if name.endswith(".csv"):     # the header is line 1
+            return f"{name} line {self.row[i] + 1}"
+        return f"{name} line {self.row[i]}" if name.endswith(".jsonl") else f"{name} row {self.row[i]}"
 
 
 def read_table(desc: Description, columns: list[str], fmt: str = "") -> Table:
