@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +135,6 @@ def describe(folder: str | Path) -> Description:
     path = folder / DESCRIPTION
     if not path.is_file():
         raise DataError(f"{folder} has no {DESCRIPTION}: describe the data in one (docs/data.md shows one per family)")
-    return _describe(str(path.resolve()), path.stat().st_mtime_ns)
-
-
-@lru_cache(maxsize=32)
-def _describe(path_s: str, _mtime: int) -> Description:
-    path = Path(path_s)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -254,7 +247,10 @@ def _read_file(desc: Description, path: Path, columns: list[str], file_format: s
         if missing:
             raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (dataset.toml names it); "
                             f"the file has {', '.join(dataset.schema.names)}")
-        return dataset.to_table(columns=columns)   # scanned in batches, only these columns
+        table = dataset.to_table(columns=columns)   # scanned in batches, only these columns
+        if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):
+            raise pa.ArrowInvalid("a column holds bytes that are not UTF-8 text")
+        return table
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         line = first_bad_utf8_line(path) if file_format in ("csv", "jsonl") else None
         if line:
