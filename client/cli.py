@@ -69,6 +69,25 @@ def _print_table(ledger: Path, summary: list[dict]) -> None:
         console.print(table)
 
 
+@site_app.command("check")
+def check(
+    data: Path = typer.Option(..., help="The site's data folder (with its dataset.toml)"),
+    task: Optional[str] = typer.Option(None, help="Family (tabular, text, image, instruct) or preset "
+                                                  "(heart-disease, medical-abstracts, breastmnist) to check against"),
+    sets: list[str] = typer.Option([], "--set", help="The run's data contract, e.g. data.labels=a,b"),
+    min_group_size: Optional[int] = typer.Option(None, help="Groups smaller than this are suppressed (default: the run's)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text"),
+) -> None:
+    """Validate the site's data as training reads it; print what the federation would use and what would leave."""
+    from fedcare.config import RunConfig
+
+    from .check import check_folder, render
+
+    cfg = RunConfig().apply_sets(sets)
+    summary = check_folder(str(data.expanduser()), task, cfg, min_group_size or cfg.site.min_group_size)
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
 # ------------------------------------------------------- deployment: SuperNode and audit
 @site_app.command("start")
 def start(

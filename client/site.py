@@ -88,9 +88,14 @@ class Site:
     @property
     def dataset_id(self) -> str:
         """The account the privacy ledger charges: the same records, the same account,
-        whatever the run. Bundled data: task + site; a site's own data: its path."""
+        whatever the run. Bundled data: task + site; a site's own data: the dataset_id of
+        its dataset.toml (so moving or renaming the folder keeps the account), else its path."""
+        from fedcare.models.sitedata import describe, has_description
+
         if self.node_config.get("dataset-id"):
             return str(self.node_config["dataset-id"])
+        if has_description(self.cfg.data.path):
+            return describe(self.cfg.data.path).dataset_id
         if self.cfg.data.path:
             return f"{self.task.name}/{Path(self.cfg.data.path).resolve()}"
         return f"{self.task.name}/{self.site_id}"
@@ -121,13 +126,19 @@ class Site:
         return pick_device()
 
 
+#: the run's data contract (config keys): part of what determines the model
+CONTRACT_KEYS = ("labels", "features", "image_size", "text_length", "prompt_template")
+
+
 def _data_key(cfg: RunConfig) -> str:
     return json.dumps({"data": cfg.to_dict()["data"], "sites": cfg.sites, "seed": cfg.seed}, sort_keys=True)
 
 
 def _model_key(cfg: RunConfig, rank: int | None) -> str:
     d = cfg.to_dict()
-    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled}, sort_keys=True)
+    contract = {k: d["data"][k] for k in CONTRACT_KEYS}   # label count, feature width... shape the model
+    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled, "data": contract},
+                      sort_keys=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,7 +150,7 @@ def _split(task_name: str, site_id: str, data_key: str) -> SiteSplit:
 @functools.lru_cache(maxsize=2)
 def _model(task_name: str, model_key: str, owner: str = "") -> torch.nn.Module:
     key = json.loads(model_key)
-    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"]})
+    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"], "data": key["data"]})
     if key["rank"]:
         cfg.lora.r = key["rank"]
     model = get_task(task_name).build_model(cfg)

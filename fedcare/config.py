@@ -23,6 +23,12 @@ class DataConfig:
     max_test_per_site: int = 0
     test_fraction: float = 0.2     # for tasks that re-split their corpus
     path: str = ""                 # a site's own data folder (deployment); "" = bundled copy
+    # the run's data contract (task families; "" / 0 = the preset's or family's default):
+    labels: str = ""               # label names in order, comma-separated
+    features: str = ""             # tabular: "age,sex,cp=1|2|3|4" (name = numeric, name=a|b = categorical)
+    image_size: int = 0            # image: pixels per side every image is resized to
+    text_length: int = 0           # text: tokens per text; instruction tuning: prompt tokens
+    prompt_template: str = ""      # instruction tuning: e.g. "Question: {prompt}" ("" = the prompt as is)
 
 
 @dataclass
@@ -198,6 +204,8 @@ class RunConfig:
         need(self.train.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
         need(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive")
         need(0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)")
+        need(self.data.image_size >= 0 and self.data.text_length >= 0,
+             "data.image_size and data.text_length must be >= 0")
         need(self.lora.r >= 1, "lora.r must be at least 1")
         need(self.lora.aggregation in ("naive", "ffa", "exact"), "lora.aggregation must be naive, ffa or exact")
         need(self.lora.personalize in ("", "head", "lora_B"), "lora.personalize must be '', head or lora_B")

@@ -23,6 +23,7 @@ from .efficientnet_lite import FEATURES, pretrained_lite0
 CHECKSUMS = {"breastmnist.npz": "098de56cd2d92ef2f7170e6153c02849"}
 IMAGE_SIZE = 64              # 28x28 is upsampled to this (a multiple of 32); 96/128 cost more CPU
 MIN_TEST_PER_SITE = 4
+LABELS = ("malignant", "benign/normal")   # label 0 and 1: the preset's data contract
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -94,15 +95,25 @@ class BreastMnistTask(Task):
                 "sites": 4, "lora.target_modules": "_expand_conv,_project_conv,_conv_head"}
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        from .sitedata import Contract, has_description
+
+        if has_description(cfg.data.path):
+            from .families import load_own
+
+            return load_own(cfg, "image", site_id, Contract(labels=LABELS))
         path = str(npz_path(cfg).resolve())
-        sites = self.site_ids(cfg)
-        if site_id not in sites:
-            raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
-        k = sites.index(site_id)
-        train, test = _partition(path, cfg.sites, cfg.data.dirichlet_alpha, cfg.seed)[k]
+        arrays = load_npz(path)
+        if cfg.data.path:   # a site's own .npz: all of it is this site's, whatever its id
+            k = 0
+            train, test = np.arange(len(arrays["train_labels"])), np.arange(len(arrays["test_labels"]))
+        else:
+            sites = self.site_ids(cfg)
+            if site_id not in sites:
+                raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
+            k = sites.index(site_id)
+            train, test = _partition(path, cfg.sites, cfg.data.dirichlet_alpha, cfg.seed)[k]
         train = seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k)
         test = seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k)
-        arrays = load_npz(path)
 
         def tensors(split: str, idx: np.ndarray) -> TensorDataset:
             images = torch.tensor(arrays[f"{split}_images"][idx], dtype=torch.float32).unsqueeze(1) / 255.0
@@ -112,7 +123,7 @@ class BreastMnistTask(Task):
 
     def build_model(self, cfg: RunConfig) -> nn.Module:
         torch.manual_seed(cfg.seed)  # same head and LoRA init at every site and the server
-        model = UltrasoundClassifier(pretrained_lite0())
+        model = UltrasoundClassifier(pretrained_lite0(), num_classes=self.num_classes)
         return attach_lora(model, cfg, modules_to_save=["_fc"], allowed=nn.Conv2d,
                            hint="EfficientNet-Lite0's convolutions are _expand_conv, _project_conv, "
                                 "_conv_head (pointwise), _depthwise_conv, _conv_stem")

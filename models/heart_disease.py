@@ -31,6 +31,9 @@ CATEGORICAL = {"cp": (1, 2, 3, 4), "restecg": (0, 1, 2)}
 ALLOWED = {"sex": (0, 1), "fbs": (0, 1), "exang": (0, 1), "num": (0, 1, 2, 3, 4), **CATEGORICAL}
 TRAIN_FRACTION, SPLIT_SEED = 0.66, 43
 NUM_FEATURES = 13
+#: the preset's data contract, for a site that describes its own records in a dataset.toml
+LABELS = ("no disease", "disease")
+FEATURES = "age,sex,trestbps,chol,fbs,thalach,exang,oldpeak,cp=1|2|3|4,restecg=0|1|2"
 
 
 def read_centre_file(path: Path) -> np.ndarray:
@@ -137,6 +140,12 @@ class HeartDiseaseTask(Task):
         return list(CENTRES)
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        from .sitedata import Contract, has_description, parse_features
+
+        if has_description(cfg.data.path):
+            from .families import load_own
+
+            return load_own(cfg, "tabular", site_id, Contract(LABELS, parse_features(FEATURES)))
         if cfg.data.path:
             path = site_file(Path(cfg.data.path))
         else:

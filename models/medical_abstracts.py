@@ -139,15 +139,31 @@ def _partition(folder: str, sites: int, alpha: float, test_fraction: float, seed
 
 
 def site_rows(sites: list[str], site_id: str, cfg: RunConfig) -> tuple[str, np.ndarray, np.ndarray]:
-    """(corpus folder, train rows, test rows) of one virtual site: the seeded Dirichlet
-    partition, then the optional per-site caps. Shared by every task on this corpus."""
+    """(corpus folder, train rows, test rows) of one site: a site's own folder is all of
+    it (a seeded stratified split, whatever the site's id); the bundled corpus is cut by
+    the seeded Dirichlet partition into virtual sites. Then the optional per-site caps.
+    Shared by every task on this corpus."""
     folder = str(data_folder(cfg).resolve())
+    if cfg.data.path:
+        train, test = stratified_split(load_corpus(folder).labels, cfg.data.test_fraction, cfg.seed)
+        return (folder, seeded_subset(train, cfg.data.max_train_per_site, cfg.seed),
+                seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000))
     if site_id not in sites:
         raise DataError(f"unknown site '{site_id}' for {cfg.sites} virtual sites ({sites[0]}..{sites[-1]})")
     k = sites.index(site_id)
     train, test = _partition(folder, cfg.sites, cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.seed)[k]
     return (folder, seeded_subset(train, cfg.data.max_train_per_site, cfg.seed + k),
             seeded_subset(test, cfg.data.max_test_per_site, cfg.seed + 1000 + k))
+
+
+def preset_contract():
+    """The preset's data contract (the 5 condition names in label order), for a site
+    that describes its own abstracts in a dataset.toml."""
+    from .sitedata import Contract
+
+    folder = bundled_dir("medical-abstracts")
+    verify_files(folder, CHECKSUMS)
+    return Contract(labels=load_corpus(str(folder.resolve())).class_names, text_length=MAX_LENGTH)
 
 
 class MedicalAbstractsTask(Task):
@@ -159,6 +175,12 @@ class MedicalAbstractsTask(Task):
                 "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        from .sitedata import has_description
+
+        if has_description(cfg.data.path):
+            from .families import load_own
+
+            return load_own(cfg, "text", site_id, preset_contract())
         folder, train, test = site_rows(self.site_ids(cfg), site_id, cfg)
         labels = torch.as_tensor(load_corpus(folder).labels, dtype=torch.long)
 

@@ -216,8 +216,11 @@ class MedicalLlmTask(Task):
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
 
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
+        return self.build_lm(cfg, load_corpus(str(data_folder(cfg).resolve())).class_names)
+
+    def build_lm(self, cfg: RunConfig, names: tuple[str, ...]) -> torch.nn.Module:
+        """The base causal LM with LoRA attached; ``names``: the candidate answers predict scores."""
         source = model_source(cfg)
-        names = load_corpus(str(data_folder(cfg).resolve())).class_names
         base = copy.deepcopy(_base_model(source, base_dtype()))
         base.config.use_cache = False
         torch.manual_seed(cfg.seed)  # same LoRA init at every site and the server

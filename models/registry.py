@@ -12,6 +12,11 @@ _TASKS = {
     "medical-abstracts": "fedcare.models.medical_abstracts:MedicalAbstractsTask",
     "breastmnist": "fedcare.models.breastmnist:BreastMnistTask",
     "medical-llm": "fedcare.models.medical_llm:MedicalLlmTask",
+    # task families: a site's own data described by its dataset.toml (models/families.py)
+    "tabular": "fedcare.models.families:TabularTask",
+    "text": "fedcare.models.families:TextTask",
+    "image": "fedcare.models.families:ImageTask",
+    "instruct": "fedcare.models.instruct:InstructTask",
 }
 
 

@@ -20,7 +20,9 @@ from fedcare.config import RunConfig
 
 
 class InProcessGrid(Grid):
-    def __init__(self, cfg: RunConfig, num_sites: int) -> None:
+    def __init__(self, cfg: RunConfig, num_sites: int, node_configs: list[dict] | None = None) -> None:
+        """``node_configs``: one SuperNode node config per site (e.g. ``site-id`` and
+        ``data-path``, as a deployed site sets them); default: virtual partitions."""
         from fedcare.client.app import app as client_app
 
         self._client_app = client_app
@@ -30,7 +32,8 @@ class InProcessGrid(Grid):
         flat = cfg.to_flat()
         self._contexts = {
             1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(), run_config=flat,
-                              node_config={"partition-id": i, "num-partitions": num_sites})
+                              node_config=(node_configs[i] if node_configs
+                                           else {"partition-id": i, "num-partitions": num_sites}))
             for i in range(num_sites)
         }
         self._next_id = 0
