@@ -137,6 +137,36 @@ def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
         typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget')}")
 
 
+@app.command()
+def export(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
+           out: Path = typer.Option(..., help="New (or empty) folder for the model, its card and fedcare.json"),
+           round_: Optional[int] = typer.Option(None, "--round", help="Export this committed round (default: the last round of a completed run)"),
+           db: Optional[str] = typer.Option(None, help=DB_HELP)) -> None:
+    """Export a run's global model with its model card (peft adapter or safetensors)."""
+    from .server.export import export_run
+    from .server.store import Store
+
+    store = Store(_db(db))
+    try:
+        meta = export_run(store, run_id, out, round_)
+    finally:
+        store.close()
+    typer.echo(f"exported {run_id} round {meta['round']} to {out}: {', '.join(meta['files'])}, README.md, fedcare.json")
+
+
+@app.command()
+def predict(model: Path = typer.Option(..., help="An exported model folder (fedcare export)"),
+            data: Path = typer.Option(..., help="The site's data folder (the task's site format)"),
+            out: Path = typer.Option(..., help="Predictions file: .csv or .parquet"),
+            site: Optional[str] = typer.Option(None, help="Site id within the folder (default: the whole folder as one site)"),
+            split: str = typer.Option("all", help="all, train or test rows of the folder")) -> None:
+    """Batch predictions at a site: row id, predicted class, class probabilities."""
+    from .client.evaluate import predict_to_file
+
+    n = predict_to_file(model, data, out, site=site, split=split)
+    typer.echo(f"{n} predictions written to {out}")
+
+
 @config_app.command("keys")
 def config_keys() -> None:
     """Every --set key with its default and type."""
