@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedcare.config import RunConfig
-from fedcare.errors import ModelError
+from fedcare.errors import FedcareError, ModelError
 
 from .base import Task
 
@@ -78,7 +78,10 @@ def load_model(folder: Path, device: torch.device | str = "cpu") -> ExportedMode
     if state_sha256(state) != meta["hashes"]["state_sha256"]:
         raise ModelError(f"{folder / STATE_FILE} does not match the content hash in {CARD_JSON} "
                          "(the weights were altered or come from another export)")
-    model = task.build_model(cfg)
+    try:
+        model = task.build_model(cfg)
+    except FedcareError as err:
+        raise ModelError(f"{folder}: cannot rebuild the model of task {task.name} from {CARD_JSON}: {err}") from None
     expected = set(trainable_names(model))
     if set(state) != expected:
         missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -10,6 +10,7 @@ trainable state also as ``fedcare_state.safetensors`` (``models/package.py`` loa
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -86,7 +87,7 @@ def describe(report: dict, rnd: int) -> dict:
                  "sensitive_attributes": list(task.sensitive_attributes), "uses_lora": task.uses_lora},
         "data_contract": {"task": task.name, "loader": f"{type(task).__module__}.{type(task).__name__}.load_site",
                           "site_folder": "data.path = the site's folder, in the task's site format",
-                          "description": (task.load_site.__doc__ or "").strip().split("\n\n")[0],
+                          "description": (inspect.getdoc(task.load_site) or "").split("\n\n")[0],
                           "format": _module_doc(task)},
         "rebuild": {"task": task.name, "base_model": getattr(task, "base_model", None), "config": cfg,
                     "loader": "fedcare.models.package.load_model"},
