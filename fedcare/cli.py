@@ -105,15 +105,26 @@ def runs(db: Optional[str] = typer.Option(None, help=DB_HELP),
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
+    if not sys.stdout.isatty():   # piped: whole ids, tab-separated, nothing cut
+        for r in rows:
+            typer.echo("\t".join(str(v) for v in _run_cells(r)))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "task", "strategy", "status", "rounds", "sites", "DP", "started")
+    table = Table("task", "strategy", "status", "rounds", "sites", "DP", "started")
+    table.add_column("run", no_wrap=True, min_width=len(max((r["run_id"] for r in rows), key=len, default="")))
+    table.columns.insert(0, table.columns.pop())   # the run id first, never cut or wrapped
     for r in rows:
-        table.add_row(r["run_id"], r["task"], r["strategy"], r["status"],
-                      f"{r.get('rounds_done', '')}/{r.get('rounds_planned', '')}", str(r.get("sites", "")),
-                      str(r.get("dp", "")), _time(r.get("started_at")))
+        cells = _run_cells(r)
+        table.add_row(*cells)
     Console().print(table)
+
+
+def _run_cells(r: dict) -> list[str]:
+    return [r["run_id"], r["task"], r["strategy"], r["status"],
+            f"{r.get('rounds_done', '')}/{r.get('rounds_planned', '')}", str(r.get("sites", "")),
+            str(r.get("dp", "")), _time(r.get("started_at"))]
 
 
 @app.command()

@@ -54,6 +54,29 @@ def export_run(store: Store, run_id: str, out: Path, round: int | None = None) -
     return meta
 
 
+def preview(store: Store, run_id: str, round: int | None = None) -> tuple[dict, str]:
+    """(fedcare.json, model card) as an export of that round would write them, without
+    writing anything (no file list or file hashes yet)."""
+    from .model_card import render_card
+
+    report = build_report(store, run_id)
+    meta = describe(report, exported_round(report, round))
+    meta["files"] = [STATE_FILE] + (["adapter_config.json", "adapter_model.safetensors"]
+                                    if meta["task"]["uses_lora"] else [])
+    return meta, render_card(meta)
+
+
+def zip_folder(folder: Path) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(Path(folder).iterdir()):
+            z.write(p, p.name)
+    return buf.getvalue()
+
+
 def exported_round(report: dict, round: int | None) -> int:
     """The round to export: ``round`` if committed with a global state, else (run
     completed) its last such round; ExportError otherwise."""
@@ -114,7 +137,11 @@ def write_weights(cfg: RunConfig, state: dict[str, np.ndarray], out: Path) -> li
     save_state(state, out / STATE_FILE)
     files = [STATE_FILE]
     model = get_task(cfg.task).build_model(cfg)
-    set_trainable_state(model, state)
+    try:
+        set_trainable_state(model, state)
+    except (KeyError, RuntimeError) as err:   # names or shapes of another model
+        raise ExportError(f"the stored global state does not fit task {cfg.task}'s model: "
+                          f"{' '.join(str(err).split())[:200]}") from None
     if hasattr(model, "peft_config"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model.save_pretrained(str(out))
