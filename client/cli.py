@@ -88,6 +88,51 @@ def check(
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
+@site_app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., help="An exported model folder (fedcare export)"),
+    data: Path = typer.Option(..., help="This site's data folder (the task's site format)"),
+    site: Optional[str] = typer.Option(None, help="Site id within the folder (default: the whole folder as one site)"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
+) -> None:
+    """Check an exported model on this site's held-out patients, locally: metrics,
+    calibration, per-group metrics. Nothing leaves the machine."""
+    from .evaluate import evaluate
+
+    result = evaluate(model, data, site)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=_json_default))
+        return
+    _print_evaluation(result)
+
+
+def _print_evaluation(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(emoji=False, highlight=False)
+    m = r["model"]
+    console.print(f"{m['task']} model of run {m['run_id']} (round {m['round']}) on {r['data']}, "
+                  f"site {r['site']}: {r['examples']} held-out examples")
+    table = Table("metric", "value", title="metrics")
+    for k, v in sorted(r["metrics"].items()):
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+    cal = Table("confidence bin", "examples", "mean confidence", "accuracy",
+                title=f"calibration: ECE {r['calibration']['ece']:.4f}")
+    for b in r["calibration"]["bins"]:
+        if b["count"]:
+            cal.add_row(f"{b['lower']:.1f}-{b['upper']:.1f}", str(b["count"]), f"{b['confidence']:.3f}",
+                        f"{b['accuracy']:.3f}")
+    console.print(cal)
+    for attr, groups in sorted(r["groups"].items()):
+        t = Table("group", "n", "accuracy", "tpr", "fpr", "auroc", title=f"per {attr}")
+        for g, c in sorted(groups.items()):
+            t.add_row(g, str(c.get("n")), *(("-" if c.get(k) is None else f"{c[k]:.3f}")
+                                            for k in ("accuracy", "tpr", "fpr", "auroc")))
+        console.print(t)
+
+
 # ------------------------------------------------------- deployment: SuperNode and audit
 @site_app.command("start")
 def start(

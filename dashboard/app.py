@@ -29,6 +29,7 @@ navigation = st.navigation([
     st.Page(VIEWS / "fairness.py", title="Fairness", icon=":material/balance:"),
     st.Page(VIEWS / "privacy.py", title="Privacy", icon=":material/shield:"),
     st.Page(VIEWS / "events.py", title="Events", icon=":material/event_note:"),
+    st.Page(VIEWS / "model.py", title="Model", icon=":material/package_2:"),
 ])
 engine = common.engine_or_stop()
 common.sidebar_selection(engine)

@@ -63,12 +63,17 @@ class CachedQueries:
     while a run is live. ``data.site_totals(run_id)`` = ``q.site_totals(engine, run_id)``."""
 
     def __init__(self, url: str, stamp: tuple):
-        self._url, self._stamp = url, stamp
+        self._url, self.stamp = url, stamp
 
     def __getattr__(self, name: str):
         if not callable(getattr(q, name, None)):
             raise AttributeError(name)
-        return lambda *args, **kwargs: _cached(self._url, name, self._stamp, args, tuple(sorted(kwargs.items())))
+        return lambda *args, **kwargs: _cached(self._url, name, self.stamp, args, tuple(sorted(kwargs.items())))
+
+
+def forget_cached() -> None:
+    """After the dashboard itself changed the store (an export): read it afresh."""
+    _cached.clear()
 
 
 def data(engine) -> CachedQueries:

@@ -105,15 +105,26 @@ def runs(db: Optional[str] = typer.Option(None, help=DB_HELP),
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
+    if not sys.stdout.isatty():   # piped: whole ids, tab-separated, nothing cut
+        for r in rows:
+            typer.echo("\t".join(str(v) for v in _run_cells(r)))
+        return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("run", "task", "strategy", "status", "rounds", "sites", "DP", "started")
+    table = Table("task", "strategy", "status", "rounds", "sites", "DP", "started")
+    table.add_column("run", no_wrap=True, min_width=len(max((r["run_id"] for r in rows), key=len, default="")))
+    table.columns.insert(0, table.columns.pop())   # the run id first, never cut or wrapped
     for r in rows:
-        table.add_row(r["run_id"], r["task"], r["strategy"], r["status"],
-                      f"{r.get('rounds_done', '')}/{r.get('rounds_planned', '')}", str(r.get("sites", "")),
-                      str(r.get("dp", "")), _time(r.get("started_at")))
+        cells = _run_cells(r)
+        table.add_row(*cells)
     Console().print(table)
+
+
+def _run_cells(r: dict) -> list[str]:
+    return [r["run_id"], r["task"], r["strategy"], r["status"],
+            f"{r.get('rounds_done', '')}/{r.get('rounds_planned', '')}", str(r.get("sites", "")),
+            str(r.get("dp", "")), _time(r.get("started_at"))]
 
 
 @app.command()
@@ -135,6 +146,36 @@ def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
         typer.echo(f"  {site:<14} " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if isinstance(v, float)))
     for site, p in sorted(rep.get("privacy", {}).items()):
         typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget')}")
+
+
+@app.command()
+def export(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
+           out: Path = typer.Option(..., help="New (or empty) folder for the model, its card and fedcare.json"),
+           round_: Optional[int] = typer.Option(None, "--round", help="Export this committed round (default: the last round of a completed run)"),
+           db: Optional[str] = typer.Option(None, help=DB_HELP)) -> None:
+    """Export a run's global model with its model card (peft adapter or safetensors)."""
+    from .server.export import export_run
+    from .server.store import Store
+
+    store = Store(_db(db))
+    try:
+        meta = export_run(store, run_id, out, round_)
+    finally:
+        store.close()
+    typer.echo(f"exported {run_id} round {meta['round']} to {out}: {', '.join(meta['files'])}, README.md, fedcare.json")
+
+
+@app.command()
+def predict(model: Path = typer.Option(..., help="An exported model folder (fedcare export)"),
+            data: Path = typer.Option(..., help="The site's data folder (the task's site format)"),
+            out: Path = typer.Option(..., help="Predictions file: .csv or .parquet"),
+            site: Optional[str] = typer.Option(None, help="Site id within the folder (default: the whole folder as one site)"),
+            split: str = typer.Option("all", help="all, train or test rows of the folder")) -> None:
+    """Batch predictions at a site: row id, predicted class, class probabilities."""
+    from .client.evaluate import predict_to_file
+
+    n = predict_to_file(model, data, out, site=site, split=split)
+    typer.echo(f"{n} predictions written to {out}")
 
 
 @config_app.command("keys")

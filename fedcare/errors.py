@@ -27,3 +27,11 @@ class PrivacyError(FedcareError):
 
 class PolicyRefusal(FedcareError):
     """A site's policy refuses what the coordinator asked for."""
+
+
+class ModelError(FedcareError):
+    """An exported model folder is missing, malformed, altered or for another task."""
+
+
+class ExportError(FedcareError):
+    """A run cannot be exported as asked (unfinished, no such round, output folder in use)."""

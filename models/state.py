@@ -1,6 +1,7 @@
 """Trainable state in and out of a model: what leaves a site is exactly this dict."""
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import numpy as np
@@ -40,3 +41,14 @@ def _named(model: torch.nn.Module):
     # names that travel are the same with and without DP.
     for name, p in model.named_parameters():
         yield name.removeprefix("_module."), p
+
+
+def state_sha256(state: dict[str, np.ndarray]) -> str:
+    """Content hash of a state dict: names, dtypes, shapes and values, in name order.
+    Independent of the container (npz or safetensors bytes differ)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        arr = np.ascontiguousarray(state[name])
+        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()

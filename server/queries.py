@@ -386,3 +386,21 @@ def event_counts(engine: sa.Engine, run_id: str) -> pd.DataFrame:
     stmt = (sa.select(EventRow.kind, sa.func.count().label("count"), sa.func.max(EventRow.time).label("last"))
             .where(EventRow.run_id == run_id).group_by(EventRow.kind).order_by(sa.text("count DESC")))
     return _frame(engine, stmt)
+
+
+# ------------------------------------------------------------------- exports
+def exported_rounds(engine: sa.Engine, run_id: str) -> list[int]:
+    """Rounds of this run that ``fedcare export`` wrote (its "exported" events), sorted."""
+    stmt = (sa.select(EventRow.data["round"].as_integer()).where(EventRow.run_id == run_id, EventRow.kind == "exported")
+            .distinct())
+    with engine.connect() as conn:
+        return sorted(int(r) for r in conn.execute(stmt).scalars() if r is not None)
+
+
+def state_rounds(engine: sa.Engine, run_id: str) -> list[int]:
+    """Rounds with a stored global state (what can be exported), sorted."""
+    from .store import GlobalState
+
+    stmt = sa.select(GlobalState.round).where(GlobalState.run_id == run_id).order_by(GlobalState.round)
+    with engine.connect() as conn:
+        return [int(r) for r in conn.execute(stmt).scalars()]

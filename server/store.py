@@ -10,7 +10,6 @@ JSON columns never hold NaN/inf (they become null) or numpy types.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -27,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.errors import StoreError
+from fedcare.models.state import state_sha256  # noqa: F401 - the store hashes what it keeps
 from fedcare.schemas import ACCEPTED, FAILED, REFUSED, REJECTED, RUN_STATUSES, RoundRecord
 
 DEFAULT_DB_URL = "sqlite:///fedcare.db"
@@ -185,17 +185,6 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def state_sha256(state: dict[str, np.ndarray]) -> str:
-    """Content hash of a state dict: names, dtypes, shapes and values, in name order.
-    Independent of the container (npz bytes carry timestamps)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        arr = np.ascontiguousarray(state[name])
-        h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def encode_state(state: dict[str, np.ndarray]) -> bytes:

@@ -22,6 +22,8 @@ def body() -> None:
     series["curve"] = series["run_id"] + " · " + series["kind"]
     fig = px.line(series, x="round", y="value", color="run_id", line_dash="kind", markers=len(series) < 200,
                   title=f"Global {metric} (test splits, weighted by examples)", labels={"value": metric})
+    for r in data.exported_rounds(run["run_id"]):   # the rounds `fedcare export` wrote
+        fig.add_vline(x=r, line_dash="dot", line_color="gray", annotation_text=f"exported (round {r})")
     common.plot(fig, key="conv_global")
 
     kinds = data.evaluation_kinds(run["run_id"])
