@@ -148,8 +148,8 @@ def start(
     port: int = typer.Option(9094, help="Local port of the SuperNode's ClientApp API (one per site on a machine)"),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank this site trains with (heterogeneous ranks)"),
     workdir: Path = typer.Option(Path("~/.fedcare/site"), help="Folder for the SuperNode's log and node config"),
-    worker: bool = typer.Option(False, help="Keep the model and data loaded in a long-lived site worker "
-                                            "(each Flower message otherwise starts a fresh process)"),
+    per_message: bool = typer.Option(False, help="Let flwr start a fresh ClientApp process for every message "
+                                                 "instead of the site's long-lived executor"),
 ) -> None:
     """Join the federation: start this site's SuperNode (runs until Ctrl-C)."""
     from fedcare.server.deploy import SiteSpec, run_site
@@ -158,7 +158,7 @@ def start(
                     ledger=ledger.expanduser(), policy=policy.expanduser() if policy else None,
                     audit=audit.expanduser() if audit else None, lora_rank=lora_rank, port=port)
     run_site(spec, superlink, root_cert.expanduser(), workdir.expanduser(), task=task, echo=typer.echo,
-             worker=worker)
+             per_message=per_message)
 
 
 @site_app.command("audit")

@@ -51,6 +51,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
     })
     return env
 

@@ -331,12 +331,12 @@ class SiteSpec:
     lora_rank: int | None = None
     port: int = 9094                 # the SuperNode's own runtime (ClientApp IO) API port
     host: str = "127.0.0.1"
-    worker: Path | None = None       # socket of a long-lived site worker (fedcare.client.worker)
+    executor_secret: Path | None = None  # set: `--isolation process`, tasks run by fedcare's executor
 
     def node_config(self) -> dict[str, str | int]:
         cfg: dict[str, str | int] = {"site-id": self.site_id}
         for key, value in (("data-path", self.data_path), ("ledger", self.ledger),
-                           ("policy", self.policy), ("audit", self.audit), ("worker", self.worker)):
+                           ("policy", self.policy), ("audit", self.audit)):
             if value:
                 cfg[key] = str(Path(value).resolve())
         if self.lora_rank:
@@ -358,25 +358,40 @@ def check_site(spec: SiteSpec, root_cert: Path) -> None:
         raise DeploymentError(f"the ledger's folder {Path(spec.ledger).parent} does not exist")
 
 
-def start_worker(socket_path: Path, workdir: Path, flwr_home: Path | None = None,
-                 timeout: float = 300.0) -> Managed:
-    """Start the site's long-lived worker and wait until its socket accepts."""
+def write_secret(path: Path) -> Path:
+    """A fresh SuperExec auth secret (raw bytes, 0600) shared by the SuperNode and the
+    site's executor: only a holder can claim the SuperNode's tasks."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+    return path
+
+
+def start_executor(spec: "SiteSpec", workdir: Path, flwr_home: Path | None = None,
+                   timeout: float = 300.0) -> Managed:
+    """Start the site's executor (``fedcare.client.executor``) for the SuperNode of
+    ``spec`` and wait until torch, fedcare and the app are loaded."""
     import sys
 
-    socket_path = Path(socket_path)
-    proc = _spawn(f"site worker {socket_path.name}",
-                  [sys.executable, "-m", "fedcare.client.worker", "--socket", str(socket_path)],
-                  Path(workdir) / f"{socket_path.stem}.worker.log", _env(flwr_home))
+    cmd = [sys.executable, "-m", "fedcare.client.executor", "--runtime-api", f"{spec.host}:{spec.port}",
+           "--secret-file", str(spec.executor_secret)]
+    proc = _spawn(f"site executor {spec.site_id}", cmd, Path(workdir) / f"{spec.site_id}.executor.log",
+                  _env(flwr_home))
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not proc.alive():
-            raise DeploymentError(f"the site worker exited ({proc.proc.returncode}): {last_error(proc.log())}; "
+            raise DeploymentError(f"the site executor exited ({proc.proc.returncode}): {last_error(proc.log())}; "
                                   f"log: {proc.log_path}")
-        if "listening on" in proc.log():
+        if "claiming tasks" in proc.log():
             return proc
         time.sleep(0.2)
     proc.stop()
-    raise DeploymentError(f"the site worker did not start within {timeout:.0f} s; log: {proc.log_path}")
+    raise DeploymentError(f"the site executor did not start within {timeout:.0f} s; log: {proc.log_path}")
 
 
 def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_config: Path,
@@ -386,6 +401,8 @@ def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_conf
            "--auth-supernode-private-key", str(Path(spec.node_key).resolve()),
            "--host", spec.host, "--port", str(spec.port),
            "--node-config", str(node_config)]
+    if spec.executor_secret is not None:  # fedcare's executor claims the tasks (no process per message)
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(Path(spec.executor_secret).resolve())]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     if max_wait is not None:
@@ -505,27 +522,43 @@ def check_site_data(task: str, data_path: Path) -> int:
     return len(split.train)
 
 
+def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *, executor: bool = True,
+               flwr_home: Path | None = None, **supernode_args) -> tuple[Managed, Managed | None]:
+    """A site's SuperNode and, with ``executor`` (the default), the long-lived executor
+    that runs its ClientApp tasks; without it flwr starts a ``flwr-clientapp`` process
+    per message. Returns (supernode, executor or None)."""
+    import dataclasses
+
+    if executor:
+        secret = write_secret(Path(workdir) / f"{spec.site_id}.superexec.secret")
+        spec = dataclasses.replace(spec, executor_secret=secret)
+    node = start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, **supernode_args)
+    if not executor:
+        return node, None
+    try:
+        return node, start_executor(spec, workdir, flwr_home)
+    except BaseException:
+        node.stop()
+        raise
+
+
 def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
              flwr_home: Path | None = None, task: str | None = None, echo=print,
-             join_timeout: float = 120.0, worker: bool = False) -> None:
-    """``fedcare site start``: check everything, start the SuperNode, report its node
-    id, hold until interrupted; explain in one line if it is refused or stops."""
+             join_timeout: float = 120.0, per_message: bool = False) -> None:
+    """``fedcare site start``: check everything, start the SuperNode and the site's
+    executor, report the node id, hold until interrupted; explain in one line if it is
+    refused or stops."""
     check_site(spec, root_cert)
     if task and spec.data_path:
         n = check_site_data(task, spec.data_path)
         echo(f"{spec.data_path}: {n} training examples for task {task}")
     check_superlink_reachable(superlink, root_cert)
     with _terminate_on_sigterm():
-        helper = None
-        if worker:
-            import dataclasses
-
-            spec = dataclasses.replace(spec, worker=Path(workdir).resolve() / f"{spec.site_id}.worker.sock")
-            helper = start_worker(spec.worker, workdir, flwr_home)
-            echo(f"site worker ready (model and data stay loaded between rounds); log {helper.log_path}")
-        node = start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, precheck=False,
-                               max_retries=None)
+        node, helper = start_site(spec, superlink, root_cert, workdir, executor=not per_message,
+                                  flwr_home=flwr_home, precheck=False, max_retries=None)
         try:
+            if helper is not None:
+                echo(f"site executor ready (model and data stay loaded between rounds); log {helper.log_path}")
             node_id = wait_joined(node, join_timeout)
             echo(f"site {spec.site_id} joined the federation at {superlink} as node {node_id}; "
                  f"log {node.log_path}")

@@ -21,6 +21,7 @@ from fedcare.models.state import get_trainable_state
 from fedcare.records import from_array_record, to_array_record
 
 log = logging.getLogger("fedcare.server")
+POLL_S = 0.1   # between pulls of the replies still missing
 
 
 def initial_state(cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -55,6 +56,8 @@ class Federation:
         from .replies import Identities
 
         self.identities = Identities.from_file(cfg.runtime.sites_file)
+        self.latency: dict[int, float] = {}     # node -> seconds from push to reply, last exchange
+        self.transfer: dict[str, float] = {}    # seconds pushing / pulling, last exchange
         self.task = get_task(cfg.task)
         self.strategy = build_strategy(cfg, self.task)
         if cfg.dp.level == "client":
@@ -95,9 +98,12 @@ class Federation:
         msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord({S.NONCE: nonce}),
                                                   self.grid))
         self._fit_ranks(msgs, shared)
-        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        replies = self._send_and_collect(msgs, timeout)
         sites, accepted_msgs = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
-        metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs))}
+        for s in sites:   # seconds from the push to the reply's arrival, per site
+            if s.node_id in self.latency:
+                s.metrics["latency_s"] = self.latency[s.node_id]
+        metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs)), **self.transfer}
         if len(accepted_msgs) >= cfg.strategy.min_sites:
             arrays, agg_metrics = self.strategy.aggregate_train(rnd, accepted_msgs)
             if arrays is not None:
@@ -126,6 +132,34 @@ class Federation:
         return state
 
     # -------------------------------------------------------------- helpers
+    def _send_and_collect(self, msgs: list[Message], timeout: float) -> list[Message]:
+        """Push ``msgs`` and pull replies as they arrive (a short poll instead of
+        ``Grid.send_and_receive``'s 3 s one) until all are in or ``timeout`` has passed
+        since the push.
+        Records each site's latency (push to arrival) in ``self.latency`` and the time
+        spent pushing and pulling in ``self.transfer``."""
+        t0 = time.time()
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(self.grid.push_messages(msgs), msgs) if mid}
+        pushed = time.time()
+        self.latency = {}
+        self.transfer = {"push_s": pushed - t0, "pull_s": 0.0}
+        replies: list[Message] = []
+        while pending:   # at least one pull, however long the push took
+            p0 = time.time()
+            got = list(self.grid.pull_messages(list(pending)))
+            if got:
+                self.transfer["pull_s"] += time.time() - p0
+            for r in got:
+                node = pending.pop(r.metadata.reply_to_message_id, None)
+                if node is not None:
+                    self.latency[node] = time.time() - t0
+                    replies.append(r)
+            if not pending or time.time() - pushed >= timeout:   # timed from the push, as flwr does
+                break
+            if not got:
+                time.sleep(POLL_S)
+        return replies
+
     def _fit_ranks(self, msgs: list[Message], shared: dict[str, np.ndarray]) -> None:
         """Send each site whose LoRA rank is known (from its earlier replies) the global
         state at its own rank; the others get the global rank and fit it themselves."""
@@ -205,7 +239,7 @@ class Federation:
         nonce = secrets.token_hex(16)
         msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
                                                      ConfigRecord({S.NONCE: nonce}), self.grid))
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout))
+        replies = self._send_and_collect(msgs, self.cfg.strategy.round_timeout)
         evaluations: list[S.Evaluation] = []
         counts: dict[str, dict] = {}
         totals: dict[str, float] = {}

@@ -37,6 +37,7 @@ class InProcessGrid(Grid):
             for i in range(num_sites)
         }
         self._next_id = 0
+        self._replies: dict[str, Message] = {}
 
     # -- Grid API ------------------------------------------------------------
     def set_run(self, run) -> None:
@@ -53,13 +54,8 @@ class InProcessGrid(Grid):
         return list(self._contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        """Run the virtual sites' handlers now; their replies wait for ``pull_messages``."""
+        ids = []
         for msg in messages:
             self._next_id += 1
             msg.metadata.__dict__["_message_id"] = f"local-{self._next_id}"
@@ -69,5 +65,12 @@ class InProcessGrid(Grid):
                 reply = self._client_app(msg, ctx)
             except Exception as err:  # what Flower does with a ClientApp exception
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            replies.append(reply)
-        return replies
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(mid) for mid in list(message_ids) if mid in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

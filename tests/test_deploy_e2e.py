@@ -20,7 +20,7 @@ import pytest
 from fedcare.certs import create_site_keys, init_server
 from fedcare.flower import free_port
 from fedcare.server.deploy import (DeploymentError, SiteSpec, TlsFiles, check_superlink_reachable,
-                                   register_site, start_superlink, start_supernode, start_worker,
+                                   register_site, start_site, start_superlink, start_supernode,
                                    wait_joined, write_connection)
 
 pytestmark = pytest.mark.e2e
@@ -44,9 +44,9 @@ class Federation:
                     "FEDCARE_WORKDIR": str(root / "runs"), "FEDCARE_DB": self.db}
         self.sites: dict[str, SiteSpec] = {}
         self.nodes = {}
-        self.workers = []
+        self.executors = {}
 
-    def site_spec(self, site: str, policy: str | None = None, worker: bool = False) -> SiteSpec:
+    def site_spec(self, site: str, policy: str | None = None) -> SiteSpec:
         folder = self.root / "sites" / site
         data = folder / "data"
         data.mkdir(parents=True)
@@ -56,12 +56,8 @@ class Federation:
         if policy is not None:
             pol = folder / "policy.toml"
             pol.write_text(policy)
-        sock = None
-        if worker:  # a long-lived site worker holds model and data (fedcare site start --worker)
-            sock = folder / "worker.sock"
-            self.workers.append(start_worker(sock, folder))
         return SiteSpec(site_id=site, node_key=keys.private_key, data_path=data, ledger=folder / "ledger.db",
-                        policy=pol, audit=folder / "audit.jsonl", port=free_port(), worker=sock)
+                        policy=pol, audit=folder / "audit.jsonl", port=free_port())
 
     def fedcare(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([FEDCARE, *args], env=self.env, capture_output=True,
@@ -94,8 +90,8 @@ class Federation:
                     os.killpg(proc.pid, 9)
         for node in self.nodes.values():
             node.stop()
-        for worker in self.workers:
-            worker.stop()
+        for executor in self.executors.values():
+            executor.stop()
         if getattr(self, "link", None):
             self.link.stop()
 
@@ -112,15 +108,18 @@ def fed(tmp_path_factory):
                                  f.root / "logs", port=f.port, flwr_home=f.flwr_home)
         write_connection(f.flwr_home, f.address, f.tls.ca_cert)
         f.sites = {
-            "cleveland": f.site_spec("cleveland", worker=True),
+            "cleveland": f.site_spec("cleveland"),
             "hungarian": f.site_spec("hungarian"),
             # the VA hospital only takes part in differentially private runs
             "va": f.site_spec("va", "[privacy]\nrequire_dp = true\n[data]\nmin_local_examples = 20\n"),
         }
         for spec in f.sites.values():
             assert register_site(Path(f"{spec.node_key}.pub"), f.flwr_home) > 0
-        for name, spec in f.sites.items():
-            f.nodes[name] = start_supernode(spec, f.address, f.tls.ca_cert, f.root / "logs", flwr_home=f.flwr_home)
+        for name, spec in f.sites.items():  # hungarian keeps flwr's per-message ClientApp process
+            f.nodes[name], executor = start_site(spec, f.address, f.tls.ca_cert, f.root / "logs",
+                                                 executor=name != "hungarian", flwr_home=f.flwr_home)
+            if executor is not None:
+                f.executors[name] = executor
         ids = {name: wait_joined(node, 120) for name, node in f.nodes.items()}
         assert len(set(ids.values())) == 3
         yield f
@@ -194,7 +193,9 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
     # the policy answers every message kind: VA neither trains nor evaluates for this run
     assert [(e["kind"], e["decision"]) for e in entries] == [("train", "refused"), ("evaluate", "refused")]
     assert all(e["policy_fingerprint"] == fingerprint for e in entries)
-    assert "handled train" in fed.workers[0].log()  # cleveland's messages went through its worker
+    assert "handled train" in fed.executors["cleveland"].log()  # cleveland's tasks ran in its executor
+    assert "handled evaluate" in fed.executors["va"].log()
+    assert fed.nodes["hungarian"].find("flower-superexec") and not fed.nodes["cleveland"].find("flower-superexec")
     sent = [e for e in AuditLog(fed.sites["cleveland"].audit).entries() if e["kind"] == "train"]
     assert sent and sent[0]["bytes"] == sites["cleveland"]["update_bytes"] and len(sent[0]["payload_sha256"]) == 64
 

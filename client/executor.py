@@ -1,0 +1,192 @@
+"""The site's executor: one long-lived process that runs every ClientApp task of its
+SuperNode, with torch, the task, the data split and the base model already loaded.
+
+Stock flwr 1.41 starts a fresh ``flwr-clientapp`` process for every message (via the
+SuperExec the SuperNode spawns with ``--isolation subprocess``); each one reinstalls the
+app bundle and imports torch, flwr and fedcare (seconds of CPU). With ``flower-supernode
+--isolation process`` the SuperNode spawns nothing and waits for an external executor to
+claim its tasks on the Runtime API. This module is that executor, doing what
+``flower-superexec`` + ``flwr-clientapp`` do, in one process:
+
+1. ``AcquireTask`` (signed with the SuperExec HMAC secret the SuperNode was given with
+   ``--superexec-auth-secret-file``) returns a task and a token;
+2. with the token: ``PullTaskInput`` (context, run) and ``PullMessages`` (the message),
+   then fedcare's ClientApp (``fedcare.client.app.app``, the same handlers, ledger and
+   audit as every other path), ``PushMessages`` / ``PushObject`` (the reply) and
+   ``PushTaskOutput`` (the context, with the site's personal state), with task
+   heartbeats while it runs.
+
+A handler that raises becomes an error reply (as ``flwr-clientapp`` sends) and the loop
+goes on. It leans on flwr internals; ``FLWR_INTERNALS`` lists them and
+``tests/test_flwr_internals.py`` fails loudly when a flwr release moves them.
+
+    python -m fedcare.client.executor --runtime-api 127.0.0.1:9094 --secret-file SECRET
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+FLWR_CLIENTAPP_TASK = "flwr-clientapp"
+# (module, names) of every flwr internal used here: checked by tests/test_flwr_internals.py
+FLWR_INTERNALS = {
+    "flwr.supercore.runtime": ["RuntimeHttpClient"],
+    "flwr.supercore.interceptors": ["RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
+                                    "SuperExecAuthHttpInterceptor"],
+    "flwr.supercore.retry": ["make_simple_http_retry_invoker"],
+    "flwr.supernode.runtime.run_clientapp": ["pull_task_input", "push_message", "push_task_output"],
+    "flwr.proto.runtime_pb2": ["AcquireTaskRequest", "SendTaskHeartbeatRequest"],
+    "flwr.common.constant": ["ErrorCode", "SubStatus"],
+}
+RPCS = ("AcquireTask", "SendTaskHeartbeat", "PullTaskInput", "PullMessages", "PullObject",
+        "ConfirmMessageReceived", "PushMessages", "PushObject", "PushTaskOutput")
+ACQUIRE_RPC = "/flwr.proto.Runtime/AcquireTask"   # the one RPC the SuperExec secret signs
+
+
+@dataclass
+class Outcome:
+    """What became of one task."""
+
+    kind: str           # the message type: train, evaluate, ...
+    ok: bool
+    details: str        # the error, when not ok
+    seconds: float
+
+
+def handle(message, context):
+    """Run fedcare's ClientApp on one message; a raising handler gives an error reply
+    (what ``flwr-clientapp`` sends) instead of ending the process."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode
+
+    from .app import app
+
+    try:
+        return app(message=message, context=context), ""
+    except Exception as err:  # noqa: BLE001  one bad message must not end the site
+        reason = f"{type(err)}:<'{err}'>"
+        print(traceback.format_exc(), flush=True)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), reason
+
+
+def _client(address: str, interceptor):
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), interceptor],
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+class _Heartbeat(threading.Thread):
+    """Task heartbeats while a handler runs, so the SuperNode keeps the token alive."""
+
+    def __init__(self, client, interval: float = 10.0):
+        super().__init__(daemon=True)
+        self.client, self.interval, self.done = client, interval, threading.Event()
+
+    def run(self) -> None:
+        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+        while not self.done.wait(self.interval):
+            try:
+                self.client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+            except Exception:  # noqa: BLE001  a missed beat is retried; the task goes on
+                pass
+
+
+class SiteExecutor:
+    def __init__(self, runtime_api: str, secret: bytes | None, poll: float = 0.05):
+        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+
+        self.address, self.poll = runtime_api, poll
+        signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[ACQUIRE_RPC]) \
+            if secret else _NoInterceptor()
+        self.claims = _client(runtime_api, signer)
+        self.stopping = False
+
+    def acquire(self):
+        """(token, task) of the oldest pending ClientApp task, or None."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+        res = self.claims.AcquireTask(AcquireTaskRequest(supported_task_types=[FLWR_CLIENTAPP_TASK]))
+        return (res.token, res.task) if res.HasField("task") and res.token else None
+
+    def run_task(self, token: str) -> Outcome:
+        from flwr.common.constant import SubStatus
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        t0 = time.perf_counter()
+        client = _client(self.address, RuntimeTokenHttpInterceptor(token))
+        beat = _Heartbeat(client)
+        beat.start()
+        context, kind, details = None, "?", "the task input could not be read"
+        try:
+            message, context, _run, _fab = pull_task_input(client)
+            kind = message.metadata.message_type
+            reply, details = handle(message, context)
+            push_message(client, reply, context)
+        except Exception as err:  # noqa: BLE001  e.g. a message that cannot be inflated
+            details = details if context is None else f"{type(err).__name__}: {err}"
+            print(traceback.format_exc(), flush=True)
+        finally:
+            beat.done.set()
+            push_task_output(client, context, SubStatus.FAILED if details else SubStatus.COMPLETED, details)
+            client.close()
+        return Outcome(kind, not details, details, time.perf_counter() - t0)
+
+    def serve(self, preload: bool = True) -> None:
+        if preload:
+            from . import app  # noqa: F401  torch, flwr, fedcare: paid once, before the first task
+        print(f"fedcare site executor claiming tasks from the SuperNode at {self.address}", flush=True)
+        while not self.stopping:
+            try:
+                claimed = self.acquire()
+            except Exception as err:  # noqa: BLE001  SuperNode restarting: keep trying
+                print(f"cannot reach the SuperNode's Runtime API ({type(err).__name__}); retrying", flush=True)
+                time.sleep(1.0)
+                continue
+            if claimed is None:
+                time.sleep(self.poll)
+                continue
+            outcome = self.run_task(claimed[0])
+            status = "handled" if outcome.ok else "failed"
+            print(f"{status} {outcome.kind} task {claimed[1].task_id} of run {claimed[1].run_id} "
+                  f"in {outcome.seconds:.2f} s{'' if outcome.ok else ': ' + outcome.details}", flush=True)
+        self.claims.close()
+
+
+class _NoInterceptor:
+    def intercept(self, context, call_next):
+        return call_next(context)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fedcare site executor (claims the SuperNode's ClientApp tasks)")
+    ap.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode's Runtime API")
+    ap.add_argument("--secret-file", help="the SuperExec auth secret the SuperNode was started with")
+    ap.add_argument("--poll", type=float, default=0.05, help="seconds between task claims when idle")
+    args = ap.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    secret = open(args.secret_file, "rb").read() if args.secret_file else None
+    executor = SiteExecutor(args.runtime_api, secret, args.poll)
+
+    def stop(*_):
+        executor.stopping = True   # finish the task in hand, then leave
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    executor.serve()
+
+
+if __name__ == "__main__":
+    main()

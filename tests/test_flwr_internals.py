@@ -1,0 +1,56 @@
+"""fedcare's site executor (fedcare.client.executor) speaks flwr 1.41's Runtime API the
+way flower-superexec and flwr-clientapp do, through flwr internals. This test fails
+loudly, naming what moved, when a flwr release changes them; the version is pinned
+exactly in pyproject.toml for the same reason."""
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+from fedcare.client import executor
+
+
+def test_flwr_is_the_pinned_release():
+    import tomllib
+    from pathlib import Path
+
+    deps = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    pin = next(d for d in deps if d.startswith("flwr["))
+    assert pin.endswith("==" + version("flwr")), f"installed flwr {version('flwr')} is not the pinned {pin}"
+
+
+@pytest.mark.parametrize("module", sorted(executor.FLWR_INTERNALS))
+def test_internal_names_exist(module):
+    mod = importlib.import_module(module)
+    missing = [n for n in executor.FLWR_INTERNALS[module] if not hasattr(mod, n)]
+    assert not missing, f"flwr {version('flwr')} moved {missing} out of {module}"
+
+
+def test_runtime_rpcs_and_signatures():
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.superexec import run_superexec
+    from flwr.supernode.runtime import run_clientapp
+
+    missing = [r for r in executor.RPCS if not callable(getattr(RuntimeHttpClient, r, None))]
+    assert not missing, f"Runtime API client lost {missing}"
+    assert {"supported_task_types"} <= set(AcquireTaskRequest.DESCRIPTOR.fields_by_name)
+    assert {"task", "token"} <= set(AcquireTaskResponse.DESCRIPTOR.fields_by_name)
+    assert TaskType.CLIENT_APP.value == executor.FLWR_CLIENTAPP_TASK
+    # the SuperExec signs exactly the AcquireTask RPC; the executor must sign the same one
+    assert run_superexec._SUPEREXEC_AUTH_METHODS == frozenset({executor.ACQUIRE_RPC})
+    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert list(inspect.signature(run_clientapp.push_message).parameters) == ["client", "message", "context"]
+    assert list(inspect.signature(run_clientapp.push_task_output).parameters) == [
+        "client", "context", "sub_status", "details"]
+
+
+def test_supernode_accepts_process_isolation_and_a_superexec_secret():
+    import subprocess
+    import shutil
+
+    out = subprocess.run([shutil.which("flower-supernode"), "--help"], capture_output=True, text=True, timeout=120)
+    assert "--isolation" in out.stdout and "process" in out.stdout
+    assert "--superexec-auth-secret-file" in out.stdout

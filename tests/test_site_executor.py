@@ -1,0 +1,125 @@
+"""The site executor: runs fedcare's ClientApp for its SuperNode in one long-lived
+process, answers a message its handlers cannot take with an error reply and keeps
+going, and picks up again after it is killed and restarted."""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcare import schemas as S
+from fedcare.certs import create_site_keys, init_server
+from fedcare.client.audit import AuditLog
+from fedcare.client.executor import handle
+from fedcare.config import RunConfig
+from fedcare.flower import free_port
+from fedcare.records import from_array_record, to_array_record
+from fedcare.server.deploy import (SiteSpec, TlsFiles, register_site, start_executor, start_site,
+                                   start_superlink, wait_joined, write_connection)
+from fedcare.server.federation import initial_state
+
+ROOT = Path(__file__).resolve().parent.parent
+FEDCARE = shutil.which("fedcare") or "fedcare"
+
+
+@pytest.fixture
+def identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _site_folder(root: Path, site: str, data_file: str) -> Path:
+    data = root / site / "data"
+    data.mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "heart-disease" / data_file, data)
+    return data
+
+
+def test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains(tmp_path, identity):
+    data = _site_folder(tmp_path, "cleveland", "processed.cleveland.data")
+    cfg = RunConfig.from_flat({"task": "heart-disease", "rounds": 2, "train.local_steps": 3}).validate()
+    cfg.runtime.run_id = "run-executor-test"
+    ctx = Context(run_id=7, node_id=11, state=RecordDict(), run_config=cfg.to_flat(),
+                  node_config={"site-id": "cleveland", "data-path": str(data),
+                               "ledger": str(tmp_path / "ledger.db"), "audit": str(tmp_path / "audit.jsonl")})
+    bad = Message(RecordDict({S.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=11, message_type="train")
+    reply, reason = handle(bad, ctx)       # no global model in it
+    assert reply.has_error() and reason and reply.metadata.reply_to_message_id == bad.metadata.message_id
+
+    state = initial_state(cfg)
+    good = Message(RecordDict({S.ARRAYS: to_array_record(state), S.CONFIG: ConfigRecord({"server-round": 1})}),
+                   dst_node_id=11, message_type="train")
+    reply, reason = handle(good, ctx)
+    assert not reply.has_error() and reason == ""
+    assert reply.content[S.METRICS][S.NUM_EXAMPLES] == 199
+    new = from_array_record(reply.content[S.ARRAYS])
+    assert any(not np.allclose(new[k], state[k]) for k in state)
+    entries = [e for e in AuditLog(tmp_path / "audit.jsonl").entries() if e["run_id"] == "run-executor-test"]
+    assert [(e["kind"], e["decision"]) for e in entries] == [("train", "sent")]
+
+
+@pytest.mark.e2e
+def test_executor_runs_rounds_survives_a_crashing_handler_and_restarts(tmp_path):
+    tls = init_server(tmp_path / "tls", ["localhost"], ["127.0.0.1"])
+    flwr_home, port = tmp_path / "flwr-home", free_port()
+    db = f"sqlite:///{tmp_path / 'store.db'}"
+    env = {**os.environ, "FEDCARE_FLWR_HOME": str(flwr_home), "FEDCARE_WORKDIR": str(tmp_path / "runs"),
+           "FEDCARE_DB": db, "FLWR_TELEMETRY_ENABLED": "0"}
+    started = []
+    try:
+        link = start_superlink(TlsFiles.from_dir(tmp_path / "tls"), tmp_path / "superlink.db", tmp_path / "logs",
+                               port=port, flwr_home=flwr_home)
+        started.append(link)
+        write_connection(flwr_home, f"127.0.0.1:{port}", tls.ca_cert)
+        specs = {}
+        for site, data_file in (("cleveland", "processed.cleveland.data"), ("va", "processed.va.data")):
+            keys = create_site_keys(site, tmp_path / site / "keys")
+            assert register_site(Path(f"{keys.private_key}.pub"), flwr_home) > 0
+            specs[site] = SiteSpec(site, keys.private_key, data_path=_site_folder(tmp_path, site, data_file),
+                                   ledger=tmp_path / site / "ledger.db", audit=tmp_path / site / "audit.jsonl",
+                                   port=free_port())
+        executors = {}
+        for site, spec in specs.items():
+            node, executors[site] = start_site(spec, f"127.0.0.1:{port}", tls.ca_cert, tmp_path / "logs",
+                                               flwr_home=flwr_home)
+            started += [node, executors[site]]
+            wait_joined(node, 120)
+            assert not node.find("flower-superexec")   # no per-message ClientApp processes at this site
+
+        def run(*extra):
+            out = subprocess.run([FEDCARE, "server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet",
+                                  "--set", "train.local_steps=3", "--set", "strategy.min_sites=1",
+                                  "--set", "strategy.round_timeout=60", *extra],
+                                 env=env, capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stdout + out.stderr
+            run_id = out.stdout.split()[1].rstrip(":")
+            rep = subprocess.run([FEDCARE, "report", run_id, "--db", db, "--json"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+            return {s["site"]: s for s in json.loads(rep.stdout)["rounds"][0]["sites"]}
+
+        sites = run("--set", "faults.site=va", "--set", "faults.kind=crash")
+        assert sites["cleveland"]["accepted"]
+        va = [s for s in sites.values() if s["site"] != "cleveland"]
+        assert len(va) == 1 and not va[0]["accepted"] and "injected fault" in va[0]["reason"]
+        assert "failed train" in executors["va"].log() and executors["va"].alive()
+
+        executors["va"].kill()                    # the executor dies; the SuperNode stays
+        same_secret = dataclasses.replace(specs["va"], executor_secret=tmp_path / "logs" / "va.superexec.secret")
+        executors["va"] = start_executor(same_secret, tmp_path / "logs", flwr_home)
+        started.append(executors["va"])
+        sites = run()
+        assert sites["cleveland"]["accepted"] and sites["va"]["accepted"], sites
+        assert executors["va"].log().count("handled train") == 1
+        assert executors["cleveland"].log().count("handled train") == 2
+    finally:
+        for proc in reversed(started):
+            proc.stop()
