@@ -1,5 +1,7 @@
 """Fed-Heart-Disease, the FLamby protocol: 15 rounds of 100 local updates (batch 4, Adam
-1e-3), seeds 42-46, every strategy, plus pooled training and each centre alone.
+1e-3), seeds 42-46, every strategy, plus pooled training and each centre alone. The
+adaptive strategies use the task's tuned server learning rate and q-FedAvg local SGD
+(``HeartDiseaseTask.strategy_defaults``; the sweep that chose them is in the JSON).
 
 Prints a table of mean per-centre test accuracy (mean and spread over seeds) and writes
 bench/results/heart_disease.json.  ``--quick`` runs 2 seeds and 3 rounds.
@@ -7,6 +9,8 @@ bench/results/heart_disease.json.  ``--quick`` runs 2 seeds and 3 rounds.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_site_accuracy, print_table, run_federated, write_json  # noqa: E402
+from common import RESULTS, mean_site_accuracy, print_table, run_federated, write_json  # noqa: E402
 
 from fedcare.launch import resolve_config  # noqa: E402
 from fedcare.models.registry import get_task  # noqa: E402
@@ -40,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--strategies", default="fedavg,fedprox,fedadam,fedyogi,qfedavg,fedmedian,trimmedavg,krum")
+    ap.add_argument("--merge", action="store_true",
+                    help="re-run only --strategies; keep every other row of the existing JSON (no baselines)")
     args = ap.parse_args()
     seeds = [42, 43] if args.quick else [42, 43, 44, 45, 46]
     rounds = 3 if args.quick else 15
@@ -53,20 +59,27 @@ def main() -> None:
                 results.setdefault(f"federated {name}", []).append(mean_site_accuracy(run_federated(cfg, db)))
                 print(f"{name} seed {seed}: {results[f'federated {name}'][-1]:.4f}", file=sys.stderr)
             write_json("heart_disease.partial", {"results": results})  # survive an interruption
-    cfg = resolve_config("heart-disease", [], rounds=rounds)
-    steps = rounds * cfg.train.local_steps
-    splits = {s: task.load_site(s, cfg) for s in task.site_ids(cfg)}
-    pooled = torch.utils.data.ConcatDataset([s.train for s in splits.values()])
-    for seed in seeds:
-        results.setdefault("pooled", []).append(centralised(cfg, pooled, seed, steps))
-        for site, split in splits.items():
-            results.setdefault(f"local {site}", []).append(centralised(cfg, split.train, seed, steps))
+    if args.merge:
+        kept = json.loads((RESULTS / "heart_disease.json").read_text())["results"]
+        results = {**{k: v["per_seed"] for k, v in kept.items()}, **results}
+    else:
+        cfg = resolve_config("heart-disease", [], rounds=rounds)
+        steps = rounds * cfg.train.local_steps
+        splits = {s: task.load_site(s, cfg) for s in task.site_ids(cfg)}
+        pooled = torch.utils.data.ConcatDataset([s.train for s in splits.values()])
+        for seed in seeds:
+            results.setdefault("pooled", []).append(centralised(cfg, pooled, seed, steps))
+            for site, split in splits.items():
+                results.setdefault(f"local {site}", []).append(centralised(cfg, split.train, seed, steps))
     rows = [[k, statistics.fmean(v), statistics.pstdev(v), len(v)] for k, v in results.items()]
     headers = ["training", "mean per-centre accuracy", "std over seeds", "seeds"]
     table = print_table(headers, rows)
+    cfg = resolve_config("heart-disease", [], rounds=rounds)
     path = write_json("heart_disease", {"protocol": {"rounds": rounds, "local_updates": cfg.train.local_steps,
                                                      "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
+                                                     "per_strategy": task.strategy_defaults,
                                                      "seeds": seeds, "engine": "in-process grid (bench/common.py)"},
+                                        "load_average": os.getloadavg(),
                                         "results": {k: {"per_seed": v, "mean": statistics.fmean(v), "std": statistics.pstdev(v)}
                                                     for k, v in results.items()},
                                         "table": table})

@@ -137,8 +137,8 @@ def _data_key(cfg: RunConfig) -> str:
 def _model_key(cfg: RunConfig, rank: int | None) -> str:
     d = cfg.to_dict()
     contract = {k: d["data"][k] for k in CONTRACT_KEYS}   # label count, feature width... shape the model
-    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled, "data": contract},
-                      sort_keys=True)
+    return json.dumps({"lora": d["lora"], "seed": cfg.seed, "rank": rank, "dp": cfg.dp_enabled, "data": contract,
+                       "mode": cfg.train.mode}, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,7 +150,8 @@ def _split(task_name: str, site_id: str, data_key: str) -> SiteSplit:
 @functools.lru_cache(maxsize=2)
 def _model(task_name: str, model_key: str, owner: str = "") -> torch.nn.Module:
     key = json.loads(model_key)
-    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"], "data": key["data"]})
+    cfg = RunConfig.from_dict({"task": task_name, "lora": key["lora"], "seed": key["seed"], "data": key["data"],
+                               "train": {"mode": key["mode"]}})
     if key["rank"]:
         cfg.lora.r = key["rank"]
     model = get_task(task_name).build_model(cfg)

@@ -31,6 +31,9 @@ class DataConfig:
     prompt_template: str = ""      # instruction tuning: e.g. "Question: {prompt}" ("" = the prompt as is)
 
 
+TRAIN_MODES = ("lora", "head", "full")
+
+
 @dataclass
 class TrainConfig:
     local_steps: int = 100         # optimiser steps per round at each site
@@ -38,6 +41,8 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: str = "adam"        # adam | sgd | adamw
     eval_batch_size: int = 64
+    mode: str = "lora"             # lora (adapter + head) | head (frozen encoder, head only) | full (all parameters)
+    head_lr: float = 0.0           # learning rate of the non-LoRA trainable tensors (the head); 0 = train.lr
 
 
 @dataclass
@@ -202,6 +207,12 @@ class RunConfig:
         need(self.train.batch_size >= 1, "train.batch_size must be at least 1")
         need(self.train.lr > 0, "train.lr must be positive")
         need(self.train.optimizer in ("adam", "adamw", "sgd"), "train.optimizer must be adam, adamw or sgd")
+        need(self.train.mode in TRAIN_MODES, "train.mode must be lora, head or full")
+        need(self.train.head_lr >= 0, "train.head_lr must be >= 0 (0 = train.lr)")
+        need(self.train.mode == "lora" or (self.lora.aggregation == "naive" and not self.lora.site_ranks
+                                           and not self.lora.personalize),
+             f"train.mode={self.train.mode} trains no LoRA adapter: lora.aggregation must be naive and "
+             "lora.site_ranks and lora.personalize empty (or use train.mode=lora)")
         need(self.data.dirichlet_alpha > 0, "data.dirichlet_alpha must be positive")
         need(0 < self.data.test_fraction < 1, "data.test_fraction must be in (0, 1)")
         need(self.data.image_size >= 0 and self.data.text_length >= 0,

@@ -40,3 +40,17 @@ def attach_lora(model: torch.nn.Module, cfg: RunConfig, modules_to_save: list[st
     if cfg.lora.aggregation == "ffa":
         freeze_lora_a(model)
     return model.train()
+
+
+def with_training_mode(model: torch.nn.Module, cfg: RunConfig, modules_to_save: list[str], **lora_kw):
+    """``train.mode``: ``lora`` attaches the adapter (the ``modules_to_save`` head trains
+    too); ``head`` freezes everything but the head (the model's ``freeze_encoder`` hook, if
+    any, may then cache embeddings); ``full`` trains every parameter."""
+    if cfg.train.mode == "lora":
+        return attach_lora(model, cfg, modules_to_save=modules_to_save, **lora_kw)
+    if cfg.train.mode == "head":
+        if hasattr(model, "freeze_encoder"):
+            model.freeze_encoder()
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(part in modules_to_save for part in name.split(".")[:-1]))
+    return model.train()

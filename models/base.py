@@ -37,6 +37,9 @@ class Task(ABC):
     num_classes: ClassVar[int]
     #: dotted config keys this task sets differently from RunConfig's defaults
     defaults: ClassVar[dict[str, Any]] = {}
+    #: per strategy name, dotted keys that strategy needs set differently on this task
+    #: (tuned server learning rates, q-FedAvg's local SGD); explicit settings win
+    strategy_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     #: natural number of sites (None: any number of virtual sites, ``cfg.sites``)
     fixed_sites: ClassVar[int | None] = None
     #: whether the model is a base model + LoRA adapter (False: all parameters train)

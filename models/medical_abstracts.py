@@ -19,7 +19,7 @@ from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, DataError
 
 from .base import SiteSplit, Task
-from .adapters import attach_lora
+from .adapters import with_training_mode
 from .data import bundled_dir, dirichlet_partition, seeded_subset, stratified_split, verify_files
 
 CHECKSUMS = {
@@ -118,16 +118,15 @@ def tokenised(folder: str, rows: np.ndarray, max_length: int = MAX_LENGTH) -> tu
 
 
 @lru_cache(maxsize=1)
-def _pretrained_classifier(num_labels: int) -> torch.nn.Module:
-    """The pretrained BERT with a (seeded, re-initialised per build) head, loaded once."""
+def _pretrained_encoder() -> torch.nn.Module:
+    """The pretrained MiniLM encoder (no head), loaded once; every build deep-copies it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # "classifier newly initialised" is expected
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(model_dir()), num_labels=num_labels, local_files_only=True)
+    return AutoModel.from_pretrained(str(model_dir()), local_files_only=True, add_pooling_layer=False)
 
 
 @lru_cache(maxsize=8)
@@ -166,6 +165,52 @@ def preset_contract():
     return Contract(labels=load_corpus(str(folder.resolve())).class_names, text_length=MAX_LENGTH)
 
 
+_EMBEDDINGS: dict[bytes, torch.Tensor] = {}   # token ids -> frozen pretrained mean-pooled embedding
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """Encoder -> attention-masked mean of the token states (the pooling all-MiniLM-L6-v2
+    was trained with; its CLS token was never trained as a sentence vector) -> linear head.
+    With the encoder frozen (``train.mode=head``) it is the pretrained one, whatever the
+    run, so each abstract's embedding is computed once per process and cached by its token
+    ids: rounds, runs and DP-SGD steps then only touch the head."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+        self.frozen = False
+
+    def freeze_encoder(self) -> None:
+        self.encoder.requires_grad_(False)
+        self.frozen = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # a frozen encoder embeds deterministically (no dropout)
+        return self
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            return self._mean_pool(input_ids, attention_mask)
+        keys = [row.tobytes() for row in input_ids.cpu().numpy()]
+        todo = [i for i, k in enumerate(keys) if k not in _EMBEDDINGS]
+        if todo:
+            with torch.no_grad():
+                fresh = self._mean_pool(input_ids[todo], attention_mask[todo]).cpu()
+            _EMBEDDINGS.update({keys[i]: e for i, e in zip(todo, fresh)})
+        return torch.stack([_EMBEDDINGS[k] for k in keys]).to(input_ids.device)
+
+    def _mean_pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask))
+
+
 class MedicalAbstractsTask(Task):
     name = "medical-abstracts"
     sensitive_attributes = ()   # the corpus has no demographics
@@ -191,19 +236,17 @@ class MedicalAbstractsTask(Task):
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
 
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
-        base = copy.deepcopy(_pretrained_classifier(self.num_classes))
         torch.manual_seed(cfg.seed)  # same head and LoRA init at every site and the server
-        torch.nn.init.normal_(base.classifier.weight, std=base.config.initializer_range)
-        torch.nn.init.zeros_(base.classifier.bias)
-        return attach_lora(base, cfg, modules_to_save=["classifier"], task_type="SEQ_CLS",
-                           hint="BERT's attention projections are query, key, value (dense for outputs)")
+        model = MeanPoolClassifier(copy.deepcopy(_pretrained_encoder()), self.num_classes)
+        return with_training_mode(model, cfg, modules_to_save=["classifier"],
+                                  hint="BERT's attention projections are query, key, value (dense for outputs)")
 
     def batch_loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, y = batch
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask)
         return torch.nn.functional.cross_entropy(logits, y)
 
     def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         ids, mask, y = batch
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask)
         return torch.softmax(logits.float(), -1).cpu().numpy(), y.cpu().numpy()

@@ -24,7 +24,13 @@ def pick_device() -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The run's optimiser; with ``train.head_lr`` the tensors that are not LoRA factors
+    (a fresh head) get their own, usually larger, learning rate."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params: list = [p for _, p in named]
+    if cfg.train.head_lr > 0:
+        groups = [[p for n, p in named if "lora_" in n], [p for n, p in named if "lora_" not in n]]
+        params = [{"params": g, "lr": lr} for g, lr in zip(groups, (cfg.train.lr, cfg.train.head_lr)) if g]
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.train.lr)
     if cfg.train.optimizer == "adamw":
@@ -114,3 +120,19 @@ def predict_dataset(task: Task, model: torch.nn.Module, ds: Dataset, cfg: RunCon
     if not scores:
         return np.zeros((0, task.num_classes)), np.zeros((0,), dtype=int)
     return np.concatenate(scores), np.concatenate(labels)
+
+
+def evaluate_global(task: Task, cfg: RunConfig, state: dict[str, np.ndarray] | None) -> tuple[dict[str, float], int]:
+    """(metrics, number of test examples) of a global trainable state (None: the model
+    as built, before any training) on all sites' test splits together."""
+    from torch.utils.data import ConcatDataset
+
+    from .state import set_trainable_state
+
+    device = pick_device()
+    model = task.build_model(cfg).to(device)
+    if state is not None:
+        set_trainable_state(model, state)
+    test = ConcatDataset([task.load_site(s, cfg).test for s in task.site_ids(cfg)])
+    scores, labels = predict_dataset(task, model, test, cfg, device)
+    return task.metrics(scores, labels), len(labels)

@@ -97,13 +97,13 @@ def test_abstract_train_step_and_predict(abstracts):
     model = abstracts.build_model(cfg)
     split = abstracts.load_site("site-1", cfg)
     before = get_trainable_state(model)
-    frozen_before = model.base_model.model.bert.embeddings.word_embeddings.weight.detach().clone()
+    frozen_before = model.base_model.model.encoder.embeddings.word_embeddings.weight.detach().clone()
     result = train_steps(abstracts, model, make_optimizer(model, cfg), make_train_loader(split.train, cfg, 0), 2, CPU)
     assert np.isfinite(result.train_loss)
     after = get_trainable_state(model)
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
-    assert torch.equal(frozen_before, model.base_model.model.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(frozen_before, model.base_model.model.encoder.embeddings.word_embeddings.weight)
 
     scores, labels = predict_dataset(abstracts, model, split.test, cfg, CPU)
     assert scores.shape == (len(split.test), 5) and np.allclose(scores.sum(1), 1, atol=1e-5)

@@ -1,0 +1,106 @@
+"""train.mode: the frozen-encoder head mode (mean-pooled embeddings, cached once per
+process), LoRA with its own head learning rate, and full fine-tuning, on the real
+MiniLM encoder and a few real abstracts."""
+import numpy as np
+import pytest
+import torch
+
+from fedcare.client.ledger import SiteLedger
+from fedcare.client.training import train_on_site
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
+from fedcare.models import medical_abstracts as ma
+from fedcare.models.state import get_trainable_state
+from fedcare.models.training import evaluate_global, make_optimizer, make_train_loader, train_steps
+
+CPU = torch.device("cpu")
+TASK = ma.MedicalAbstractsTask()
+
+
+def cfg_of(**sets) -> RunConfig:
+    flat = {**TASK.defaults, "task": TASK.name, "data.max_train_per_site": 12, "data.max_test_per_site": 6,
+            "train.batch_size": 4, "lora.target_modules": "query"}
+    return RunConfig.from_flat({**flat, **sets}).validate()
+
+
+def test_head_mode_trains_only_the_head_over_cached_embeddings():
+    cfg = cfg_of(**{"train.mode": "head", "train.lr": 0.05})
+    model = TASK.build_model(cfg)
+    assert sorted(get_trainable_state(model)) == ["classifier.bias", "classifier.weight"]
+    split = TASK.load_site("site-0", cfg)
+    encoder_before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    calls = []
+    hook = model.encoder.register_forward_hook(lambda m, i, o: calls.append(i))
+    ids, mask, _ = split.train.tensors
+    first = model.embed(ids, mask)
+    n_calls = len(calls)
+    # the cache answers every later request for the same abstracts, from any model object
+    again = TASK.build_model(cfg)
+    again.encoder.register_forward_hook(lambda m, i, o: calls.append(i))
+    assert torch.equal(again.embed(ids, mask), first) and len(calls) == n_calls
+    # the embedding is the attention-masked mean of the token states, not CLS
+    with torch.no_grad():
+        h = model.encoder(input_ids=ids[:2], attention_mask=mask[:2]).last_hidden_state
+    m = mask[:2].unsqueeze(-1).float()
+    assert torch.allclose(first[:2], (h * m).sum(1) / m.sum(1), atol=1e-5)
+    hook.remove()
+
+    before = get_trainable_state(model)
+    result = train_steps(TASK, model, make_optimizer(model, cfg), make_train_loader(split.train, cfg, 0), 5, CPU)
+    after = get_trainable_state(model)
+    assert np.isfinite(result.train_loss) and all(not np.array_equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p, encoder_before[n]) for n, p in model.encoder.named_parameters())
+    assert not model.encoder.training and model.classifier.training  # no dropout in the frozen encoder
+
+
+def test_head_mode_under_dp_sgd_moves_the_head_and_charges_the_ledger(tmp_path):
+    cfg = cfg_of(**{"train.mode": "head", "rounds": 2, "train.local_steps": 3, "dp.noise_multiplier": 1.0,
+                    "dp.delta": 1e-3})
+    model = TASK.build_model(cfg)
+    split = TASK.load_site("site-1", cfg)
+    ledger = SiteLedger(tmp_path / "l.sqlite")
+    for rnd in (1, 2):
+        before = get_trainable_state(model)
+        out = train_on_site(TASK, model, split, cfg, CPU, run_id="r", server_round=rnd, ledger=ledger,
+                            budget=0.0, dataset_id="site-1")
+        after = get_trainable_state(model)
+        assert all(not np.array_equal(before[k], after[k]) for k in before)
+    assert out.privacy["steps"] == 6 and np.isfinite(out.privacy["epsilon"]) and out.privacy["epsilon"] > 0
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_lora_mode_head_lr_and_full_mode():
+    cfg = cfg_of(**{"train.lr": 1e-3, "train.head_lr": 1e-2})
+    model = TASK.build_model(cfg)
+    names = list(get_trainable_state(model))
+    assert any("lora_B" in n for n in names) and any("classifier" in n for n in names)
+    groups = make_optimizer(model, cfg).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-2]
+    lora = {id(p) for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert {id(p) for p in groups[0]["params"]} == lora
+    assert len(make_optimizer(model, cfg_of()).param_groups) == 1  # head_lr 0: one learning rate
+
+    full = TASK.build_model(cfg_of(**{"train.mode": "full"}))
+    assert all(p.requires_grad for p in full.parameters())
+    assert not any("lora" in n for n, _ in full.named_parameters())
+
+
+@pytest.mark.parametrize("sets", [{"lora.aggregation": "ffa"}, {"lora.site_ranks": "4,8"},
+                                  {"lora.personalize": "head"}])
+def test_modes_without_an_adapter_refuse_lora_settings(sets):
+    with pytest.raises(ConfigError, match="train.mode=head trains no LoRA adapter"):
+        cfg_of(**{"train.mode": "head", **sets})
+    with pytest.raises(ConfigError, match="train.mode must be"):
+        cfg_of(**{"train.mode": "probe"})
+
+
+def test_evaluate_global_before_and_after_training():
+    cfg = cfg_of(**{"train.mode": "head", "sites": 2})
+    before, n = evaluate_global(TASK, cfg, None)
+    assert n == 12 and 0 <= before["accuracy"] <= 1
+    state = get_trainable_state(TASK.build_model(cfg))
+    state["classifier.bias"] = np.array([0, 0, 9, 0, 0], dtype=np.float32)   # always class 2
+    state["classifier.weight"][:] = 0
+    after, _ = evaluate_global(TASK, cfg, state)
+    labels = np.concatenate([TASK.load_site(s, cfg).test.tensors[2].numpy() for s in TASK.site_ids(cfg)])
+    assert after["accuracy"] == pytest.approx(float((labels == 2).mean()))
