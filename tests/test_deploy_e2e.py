@@ -181,7 +181,7 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
     rep = fed.report(run_id)
     assert rep["status"] == "completed" and len(rep["rounds"]) == 1
     sites = {s["site"]: s for s in rep["rounds"][0]["sites"]}
-    assert sites["cleveland"]["accepted"] and sites["hungarian"]["accepted"]
+    assert sites["cleveland"]["accepted"] and sites["hungarian"]["accepted"], sites
     assert sites["cleveland"]["num_examples"] == 199 and sites["hungarian"]["num_examples"] == 172
     assert not sites["va"]["accepted"] and "differential privacy is required" in sites["va"]["reason"]
     assert set(rep["final"]["per_site"]) == {"cleveland", "hungarian"}
