@@ -8,6 +8,7 @@ running after the command returns.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -23,13 +24,37 @@ import tomli_w
 from .config import RunConfig
 from .errors import FedcareError
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parent.parent   # the source checkout (editable install)
+FAB_NOTE = ("# fedcare Flower app bundle\nThe FAB carries pyproject.toml only; the code is the fedcare "
+            "package installed at each site.\n")
 
 
 def app_dir() -> Path:
-    if not (APP_DIR / "pyproject.toml").exists():
-        raise FedcareError(f"fedcare's Flower app (pyproject.toml) is not at {APP_DIR}; install fedcare from a checkout")
-    return APP_DIR
+    """The Flower app folder `flwr run` submits: the checkout's pyproject.toml, or, in an
+    installed wheel (no checkout), the same app written from the installed package."""
+    if (APP_DIR / "pyproject.toml").exists() and (APP_DIR / "docs" / "FAB.md").exists():
+        return APP_DIR
+    return packaged_app_dir()
+
+
+def packaged_app_dir() -> Path:
+    from . import __version__
+    from .config import flower_app_config_toml
+
+    head = tomli_w.dumps({
+        "project": {"name": "fedcare", "version": __version__, "license": "Apache-2.0",
+                    "description": "Federated LoRA fine-tuning for hospitals under differential privacy"},
+        "tool": {"flwr": {"app": {"publisher": "fedcare", "fab-include": ["docs/FAB.md"],
+                                  "components": {"serverapp": "fedcare.server.app:app",
+                                                 "clientapp": "fedcare.client.entry:app"}}}},
+    })
+    text = head + "\n" + flower_app_config_toml()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"fedcare-app-{__version__}-{digest}"
+    (folder / "docs").mkdir(parents=True, exist_ok=True)
+    (folder / "docs" / "FAB.md").write_text(FAB_NOTE)
+    (folder / "pyproject.toml").write_text(text)
+    return folder
 
 
 def free_port() -> int:

@@ -181,7 +181,7 @@ class Federation:
         return {k: state[k] for k in shared}
 
     def _site_name(self, node: int) -> str:
-        return self.node_sites.get(node, f"node-{node}")
+        return self.identities.name(node) or self.node_sites.get(node, f"node-{node}")
 
     def _wait_for_sites(self) -> None:
         need = self.cfg.strategy.min_sites

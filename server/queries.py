@@ -15,7 +15,6 @@ from typing import Any, Iterable
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.engine import make_url
 
 from fedcare.errors import StoreError
 from fedcare.schemas import ACCEPTED, FAILED, REFUSED, REJECTED
@@ -32,10 +31,9 @@ ATTRIBUTE_SUMMARY = ("demographic_parity_difference", "equalized_odds_difference
 def connect(url: str) -> sa.Engine:
     """An engine for reading ``url``; StoreError if it cannot connect. Unlike
     ``Store`` it neither creates nor migrates anything."""
-    try:
-        parsed = make_url(url)
-    except exc.ArgumentError:
-        raise StoreError(f"not a database URL: {url!r} (e.g. sqlite:///fedcare.db)") from None
+    from .engine import make_engine, parse_url
+
+    parsed = parse_url(url)
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         from pathlib import Path
@@ -43,13 +41,8 @@ def connect(url: str) -> sa.Engine:
         if not Path(parsed.database).expanduser().exists():
             raise StoreError(f"no database file at {parsed.database} ({shown}); run `fedcare simulate` first "
                              "or pass --db with the store's URL")
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if parsed.get_backend_name() == "sqlite":
-        kwargs["connect_args"] = {"timeout": 30}
-    elif parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = {"connect_timeout": 10}
     try:
-        engine = sa.create_engine(parsed, **kwargs)
+        engine = make_engine(parsed)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
     except (exc.DBAPIError, exc.NoSuchModuleError, exc.ArgumentError, ImportError) as e:

@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy import event, exc
+from sqlalchemy import exc
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.errors import StoreError
 from fedcare.models.state import state_sha256  # noqa: F401 - the store hashes what it keeps
+from fedcare.server.engine import make_engine, parse_url
 from fedcare.schemas import ACCEPTED, FAILED, REFUSED, REJECTED, RUN_STATUSES, RoundRecord
 
 DEFAULT_DB_URL = "sqlite:///fedcare.db"
@@ -230,17 +230,10 @@ class Store:
 
     def __init__(self, url: str):
         self.url = url
-        try:
-            parsed = make_url(url)
-        except exc.ArgumentError:
-            raise StoreError(f"cannot connect to database {url!r}: not a database URL "
-                             "(expected e.g. sqlite:///fedcare.db or "
-                             "postgresql+psycopg://user@host:5432/db)") from None
-        if parsed.drivername in ("postgresql", "postgres"):
-            parsed = parsed.set(drivername="postgresql+psycopg")  # the driver fedcare installs
+        parsed = parse_url(url)
         self.display_url = parsed.render_as_string(hide_password=True)
         try:
-            self.engine = _make_engine(parsed)
+            self.engine = make_engine(parsed)
             with self.engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
         except (exc.DBAPIError, exc.NoSuchModuleError, exc.ArgumentError, ImportError) as e:
@@ -484,31 +477,3 @@ def _run_dict(run: Run, rounds_done: int) -> dict:
     )
 
 
-def _make_engine(url: sa.URL) -> sa.Engine:
-    backend = url.get_backend_name()
-    kwargs: dict[str, Any] = {}
-    if backend == "postgresql" and "connect_timeout" not in url.query:
-        kwargs["connect_args"] = {"connect_timeout": 10}
-    if backend == "sqlite":
-        kwargs["connect_args"] = {"timeout": 30}
-    engine = sa.create_engine(url, **kwargs)
-    if backend == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_begin(conn) -> None:
-    # pysqlite left alone commits DDL on the spot; BEGIN ourselves so that a migration
-    # is one transaction, and BEGIN IMMEDIATE (write lock up front) when asked to
-    immediate = conn.get_execution_options().get("sqlite_immediate", False)
-    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None   # transactions come from _sqlite_begin
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA foreign_keys=ON")
-    # WAL: the dashboard reads while the server loop writes
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.close()

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
-from fedcare.client.ledger import epsilon_of
+from fedcare.accounting import epsilon_of
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PrivacyError
 from fedcare.records import from_array_record, to_array_record

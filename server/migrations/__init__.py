@@ -101,7 +101,9 @@ def _main(argv: list[str] | None = None) -> None:
     if args.cmd == "heads":
         print(head_revision())
     elif args.cmd == "upgrade":
-        engine = sa.create_engine(args.url)
+        from fedcare.server.engine import make_engine
+
+        engine = make_engine(args.url)
         upgrade(engine, args.revision)
         print(current_revision(engine))
     else:

@@ -28,7 +28,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _configure(connection)
         return
-    engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
+    from fedcare.server.engine import make_engine
+
+    engine = make_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
     with engine.connect() as conn:
         _configure(conn)
         conn.commit()
