@@ -112,7 +112,8 @@ def render(summary: dict[str, Any]) -> str:
                      f"resized to {i['resized_to']}x{i['resized_to']}")
     if "text_lengths" in s:
         t = s["text_lengths"]
-        lines.append(f"text lengths: {t['chars_min']}..{t['chars_max']} characters (median {t['chars_median']}); "
+        what = "prompt" if s["family"] == "instruct" else "text"
+        lines.append(f"{what} lengths: {t['chars_min']}..{t['chars_max']} characters (median {t['chars_median']}); "
                      f"the first {t['tokens_kept']} tokens are used")
     for attr, groups in s["groups"].items():
         cells = [f"{g} {c['test_rows']}" + (" (suppressed)" if c["suppressed"] else "") for g, c in groups.items()]

@@ -25,7 +25,7 @@ from fedcare.errors import DataError
 from .base import SiteSplit, Task
 from .breastmnist import BreastMnistTask
 from .medical_abstracts import MedicalAbstractsTask
-from .sitedata import (Contract, Description, Labelled, Table, _cell, check_unique, columns_for, describe,
+from .sitedata import (Contract, Description, Labelled, Table, cells, check_unique, columns_for, describe,
                        is_missing, label_rows, read_table)
 
 
@@ -103,16 +103,14 @@ def _encode_feature(f, column: str, values: np.ndarray, gone: np.ndarray, table:
                     raise DataError(f"{table.where(i)}: column {column!r} is {v!r}, not a number "
                                     f"(feature {f.name} is numeric in the run's data contract)") from None
             raise
-    text = np.asarray([_cell(v) for v in values])
-    out = np.zeros((len(values), f.width))
-    for i, v in enumerate(text):
-        if gone[i]:
-            out[i] = np.nan
-        elif v not in f.levels:
-            raise DataError(f"{table.where(i)}: column {column!r} is {v!r}; feature {f.name} takes "
-                            f"{' | '.join(f.levels)} in the run's data contract")
-        elif v != f.levels[0]:
-            out[i, f.levels.index(v) - 1] = 1.0
+    text = cells(values).astype(str)
+    bad = np.flatnonzero(~gone & ~np.isin(text, f.levels))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(f"{table.where(i)}: column {column!r} is {text[i]!r}; feature {f.name} takes "
+                        f"{' | '.join(f.levels)} in the run's data contract")
+    out = np.stack([(text == level).astype(np.float64) for level in f.levels[1:]], axis=1)
+    out[gone] = np.nan
     return out
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from fedcare.errors import DataError
 
-from .sitedata import Description, Table, read_table, columns_for, _cell
+from .sitedata import Description, Table, cells, columns_for, read_table
 
 SUFFIXES = {"png": (".png",), "jpeg": (".jpg", ".jpeg"), "dicom": (".dcm", ".dicom")}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
@@ -29,7 +29,7 @@ def image_table(desc: Description) -> tuple[Table, np.ndarray]:
         cols = list(dict.fromkeys([file_col, desc.column("label", "label")] + columns_for(desc)))
         fmt = Path(desc.files[0]).suffix.lower().lstrip(".").replace("json", "jsonl").replace("jsonll", "jsonl")
         table = read_table(desc, cols, fmt if fmt in ("csv", "parquet", "jsonl") else "csv")
-        paths = np.asarray([str(desc.folder / _cell(f)) for f in table.columns[file_col]], dtype=object)
+        paths = np.asarray([str(desc.folder / f) for f in cells(table.columns[file_col])], dtype=object)
         return table, paths
     if desc.layout != "class-folders":
         raise DataError(f"{desc.path}: layout must be class-folders or table, got {desc.layout!r}")

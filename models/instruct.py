@@ -8,6 +8,8 @@ perplexity and exact match of the greedy generation. Rows are tokenised when ask
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -88,12 +90,14 @@ def prepare_instruct(desc: Description, contract: Contract, site_id: str = "", s
     table, prompts, responses = read_pairs(desc)
     lab = finish(desc, table, np.zeros(len(table), dtype=np.int64))
     width = contract.text_length if contract.text_length != Contract().text_length else PROMPT_TOKENS
+    contract = dataclasses.replace(contract, text_length=width)
 
     def rows(idx: np.ndarray) -> InstructRows:
         return InstructRows([prompts[i] for i in idx], responses[idx], source, width, contract.prompt_template)
 
     split = _split(site_id, lab, rows(lab.train), rows(lab.test))
-    return Prepared(desc, contract, lab, split, {"texts": responses, "prompts": prompts})
+    texts = [p if isinstance(p, str) else "\n".join(t["content"] for t in p) for p in prompts]
+    return Prepared(desc, contract, lab, split, {"texts": texts})
 
 
 class InstructTask(MedicalLlmTask):

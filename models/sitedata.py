@@ -94,9 +94,9 @@ class Band:
                 + [f"{self.edges[-1]:g}+"]
             out = np.asarray(names, dtype=object)[np.searchsorted(self.edges, x, side="right")]
             return np.where(np.isnan(x), "missing", out).astype(str)
-        text = np.asarray([_cell(v) for v in raw], dtype=object)
         mapping = dict(self.values)
-        return np.asarray([mapping.get(v, v) for v in text], dtype=str)
+        distinct, inverse = np.unique(cells(raw).astype(str), return_inverse=True)
+        return np.asarray([mapping.get(v, v) or "missing" for v in distinct], dtype=str)[inverse]
 
 
 @dataclass(frozen=True)
@@ -276,8 +276,19 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def cells(values: np.ndarray) -> np.ndarray:
+    """``_cell`` of every value ("" where missing), computed once per distinct value."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    names = np.asarray([_cell(u) for u in uniques] + [""], dtype=object)
+    return names[codes]
+
+
 def is_missing(values: np.ndarray) -> np.ndarray:
-    return np.asarray([v is None or (isinstance(v, float) and np.isnan(v)) for v in values], dtype=bool)
+    import pandas as pd
+
+    return np.asarray(pd.isna(pd.Series(values, dtype=object)), dtype=bool)
 
 
 # ----------------------------------------------------------------------------- labels, splits, groups
@@ -298,18 +309,17 @@ def label_rows(desc: Description, contract: Contract, table: Table, keep: np.nda
     ``keep``: rows usable (False = a missing value); the label itself must be present."""
     check_labels(desc, contract)
     names = contract.labels
-    raw = table.columns[desc.column("label", "label")]
+    text = cells(table.columns[desc.column("label", "label")])
     index = {n: i for i, n in enumerate(names)}
-    y = np.empty(len(table), dtype=np.int64)
-    for i, v in enumerate(raw):
-        text = _cell(v)
-        name = desc.label_values.get(text, text)
-        if name not in index:
-            if not text:
-                raise DataError(f"{table.where(i)}: the label ({desc.column('label', 'label')}) is empty")
-            raise DataError(f"{table.where(i)}: unknown label {text!r}; the run's labels are {', '.join(names)}"
-                            + (" (map values to names with [label_values] in dataset.toml)" if names else ""))
-        y[i] = index[name]
+    values, inverse = np.unique(text.astype(str), return_inverse=True)
+    codes = np.asarray([index.get(desc.label_values.get(v, v), -1) for v in values], dtype=np.int64)
+    y = codes[inverse]
+    if (y < 0).any():
+        i = int(np.flatnonzero(y < 0)[0])
+        if not text[i]:
+            raise DataError(f"{table.where(i)}: the label ({desc.column('label', 'label')}) is empty")
+        raise DataError(f"{table.where(i)}: unknown label {text[i]!r}; the run's labels are {', '.join(names)}"
+                        + (" (map values to names with [label_values] in dataset.toml)" if names else ""))
     return finish(desc, table, y, keep)
 
 
@@ -321,7 +331,7 @@ def finish(desc: Description, table: Table, y: np.ndarray, keep: np.ndarray | No
     rows = np.arange(len(table)) if keep is None else np.flatnonzero(keep)
     split_col = desc.column("split")
     if split_col:
-        values = np.asarray([_cell(v).strip().lower() for v in table.columns[split_col]])
+        values = np.char.lower(np.char.strip(cells(table.columns[split_col]).astype(str)))
         bad = np.flatnonzero(~np.isin(values, SPLITS))
         if len(bad):
             raise DataError(f"{table.where(bad[0])}: split column {split_col!r} is {values[bad[0]]!r}; "
@@ -339,12 +349,14 @@ def finish(desc: Description, table: Table, y: np.ndarray, keep: np.ndarray | No
 
 
 def check_unique(values: np.ndarray, table: Table, what: str) -> None:
-    seen: dict[str, int] = {}
-    for i, v in enumerate(values):
-        key = _cell(v)
-        if key in seen:
-            raise DataError(f"{table.where(i)}: duplicate {what} value {key!r} (also at {table.where(seen[key])})")
-        seen[key] = i
+    import pandas as pd
+
+    keys = pd.Series(cells(values))
+    dup = np.flatnonzero(keys.duplicated().to_numpy())
+    if len(dup):
+        i = int(dup[0])
+        first = int(np.flatnonzero((keys == keys[i]).to_numpy())[0])
+        raise DataError(f"{table.where(i)}: duplicate {what} value {keys[i]!r} (also at {table.where(first)})")
 
 
 def seeded_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

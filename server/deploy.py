@@ -516,7 +516,13 @@ def check_site_data(task: str, data_path: Path) -> int:
     from fedcare.config import RunConfig
     from fedcare.models.registry import get_task
 
+    from fedcare.models.sitedata import has_description
+
     cfg = RunConfig(task=task)
+    if has_description(data_path):   # before any run: the description's labels stand in for the contract
+        from fedcare.client.check import check_folder
+
+        return check_folder(str(data_path), task, cfg, cfg.site.min_group_size)["rows"]["train"]
     cfg.data.path = str(Path(data_path).resolve())
     split = get_task(task).load_site("site", cfg)
     return len(split.train)
