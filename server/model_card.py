@@ -99,7 +99,8 @@ def _privacy(meta: dict) -> str:
         text += (f"\nClient-level DP: epsilon {_fmt(c['epsilon'])} at delta {_fmt(c['delta'])} ({c['accountant']}), "
                  f"noise {_fmt(c['noise_multiplier'])}, clipping {_fmt(c['clipping_norm'])}, {c['releases']} releases.\n")
     if not p["per_site"] and not p["client"]:
-        text += "No differential privacy in this run: the model may memorise training records.\n"
+        text += ("No differential privacy in this run: the model may memorise training records.\n"
+                 if p["level"] == "none" else "No site reported a privacy spend (no update was trained under DP).\n")
     return text
 
 
