@@ -90,7 +90,7 @@ def _privacy(meta: dict) -> str:
     p = meta["privacy"]
     text = f"## Privacy\n\nDP level: `{p['level']}` ({p['dp']}).\n\n"
     if p["per_site"]:
-        rows = [[site, v.get("run_epsilon"), v.get("epsilon"), v.get("delta"), v.get("budget"), v.get("accountant"),
+        rows = [[site, v.get("run_epsilon"), v.get("epsilon"), v.get("delta"), v.get("budget") or "none", v.get("accountant"),
                  v.get("noise_multiplier"), v.get("steps")] for site, v in sorted(p["per_site"].items())]
         text += _table(["site", "epsilon (this run)", "epsilon (lifetime)", "delta", "budget", "accountant",
                         "noise multiplier", "DP-SGD steps"], rows)
