@@ -34,7 +34,8 @@ from fedcare.server import queries as q  # noqa: E402
 from fedcare.server.store import EvaluationRow, EventRow, Round, SiteRoundRow, Store  # noqa: E402
 
 PAGES = {"runs": "", "convergence": "convergence", "sites": "sites", "fairness": "fairness",
-         "privacy": "privacy", "events": "events"}
+         "privacy": "privacy", "events": "events", "model": "model"}
+NO_CHARTS = {"model"}   # the Model page draws no chart: rendered = script finished
 
 
 def fill(url: str, rounds: int, num_sites: int, seed: int = 0) -> str:
@@ -127,7 +128,7 @@ def time_queries(url: str, run_id: str, repeats: int = 3) -> dict[str, float]:
     return out
 
 
-def time_pages(url: str, run_id: str, loads: int, shots: Path | None) -> dict[str, list[float]]:
+def time_pages(url: str, run_id: str, loads: int, shots: Path | None, pages: dict[str, str]) -> dict[str, list[float]]:
     from playwright.sync_api import sync_playwright
     from test_dashboard_browser import (ALL_CHARTS_DRAWN, CHROMIUM, CHROMIUM_ARGS, free_port, start_dashboard, stop,
                                         wait_rendered)
@@ -142,14 +143,15 @@ def time_pages(url: str, run_id: str, loads: int, shots: Path | None) -> dict[st
             warm.goto(f"http://127.0.0.1:{port}/?run={run_id}")
             wait_rendered(warm, 300_000, title="Runs")
             warm.close()
-            for name, path in PAGES.items():
+            for name, path in pages.items():
                 results[name] = []
                 for i in range(loads):
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
                     t = time.perf_counter()
                     page.goto(f"http://127.0.0.1:{port}/{path}?run={run_id}", wait_until="domcontentloaded")
                     wait_rendered(page, 300_000, title=name.capitalize())
-                    page.wait_for_function(ALL_CHARTS_DRAWN, timeout=300_000)
+                    if name not in NO_CHARTS:
+                        page.wait_for_function(ALL_CHARTS_DRAWN, timeout=300_000)
                     results[name].append(time.perf_counter() - t)
                     if shots is not None and i == 0:
                         page.screenshot(path=str(shots / f"bench-{name}.png"))
@@ -168,6 +170,8 @@ def main() -> None:
     p.add_argument("--db", default="", help="SQLite file to create (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dashboard.json"))
     p.add_argument("--screenshots", default="", help="folder for one screenshot per page")
+    p.add_argument("--pages", default=",".join(PAGES), help="comma-separated pages to time")
+    p.add_argument("--label", default="", help="what this measurement is (e.g. the code version)")
     args = p.parse_args()
 
     path = Path(args.db) if args.db else Path(tempfile.mkdtemp()) / "bench-dashboard.db"
@@ -177,25 +181,31 @@ def main() -> None:
     t = time.perf_counter()
     run_id = fill(url, args.rounds, args.sites)
     fill_s = time.perf_counter() - t
+    load_before = os.getloadavg()[0]
     sql = time_queries(url, run_id)
     shots = Path(args.screenshots) if args.screenshots else None
     if shots:
         shots.mkdir(parents=True, exist_ok=True)
-    pages = time_pages(url, run_id, args.loads, shots)
+    wanted = {n: PAGES[n] for n in args.pages.split(",")}
+    pages = time_pages(url, run_id, args.loads, shots, wanted)
     result = {
         "rounds": args.rounds, "sites": args.sites, "loads": args.loads, "fill_s": round(fill_s, 2),
         "db_bytes": path.stat().st_size, "cpu_count": os.cpu_count(),
+        "label": args.label, "load_average_1m_before": round(load_before, 2),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
         "pages": {name: {"median_render_s": round(statistics.median(v), 3), "renders_s": [round(x, 3) for x in v],
-                         "sql_s": round(sql[name], 4)} for name, v in pages.items()},
+                         "sql_s": round(sql[name], 4) if name in sql else None} for name, v in pages.items()},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.label}: load average {result['load_average_1m_before']} before, {result['load_average_1m_after']} after "
+          f"({result['cpu_count']} CPUs)")
     print(f"store: {args.rounds} rounds x {args.sites} sites, {result['db_bytes'] / 2**20:.1f} MiB, filled in {fill_s:.1f} s")
     print(f"{'page':<12} {'render (median s)':>18} {'SQL (s)':>9}   renders")
     for name, r in result["pages"].items():
-        print(f"{name:<12} {r['median_render_s']:>18.2f} {r['sql_s']:>9.3f}   {r['renders_s']}")
+        sql_s = "-" if r["sql_s"] is None else f"{r['sql_s']:.3f}"
+        print(f"{name:<12} {r['median_render_s']:>18.2f} {sql_s:>9}   {r['renders_s']}")
     print(f"written to {out}")
 
 

@@ -49,7 +49,13 @@ def engine_or_stop():
 
 
 def runs_table(engine) -> pd.DataFrame:
-    return q.list_runs(engine)
+    """The run list; one query serves every use within a page load (sidebar, cache stamp, page)."""
+    return _runs_table(db_url())
+
+
+@st.cache_data(show_spinner=False, ttl=1.0, max_entries=8)
+def _runs_table(url: str) -> pd.DataFrame:
+    return q.list_runs(_engine(url))
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -144,10 +150,11 @@ def live(body: Callable[[], None], run: dict, engine) -> None:
 
 
 def plot(fig, key: str | None = None) -> None:
-    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.2))
-    if fig.layout.xaxis.title.text == "round":
-        # rounds are whole numbers: no 1.2, 1.4 ... ticks on short runs
-        fig.update_xaxes(tickformat="d", dtick=1 if _round_span(fig) <= 20 else None)
+    if fig.layout.margin.l is None:   # not from dashboard.figures: give it their margins and legend
+        fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.2))
+        if fig.layout.xaxis.title.text == "round":
+            # rounds are whole numbers: no 1.2, 1.4 ... ticks on short runs
+            fig.update_xaxes(tickformat="d", dtick=1 if _round_span(fig) <= 20 else None)
     st.plotly_chart(fig, key=key, config={"displaylogo": False})
 
 

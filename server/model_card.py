@@ -90,7 +90,7 @@ def _privacy(meta: dict) -> str:
     p = meta["privacy"]
     text = f"## Privacy\n\nDP level: `{p['level']}` ({p['dp']}).\n\n"
     if p["per_site"]:
-        rows = [[site, v.get("run_epsilon"), v.get("epsilon"), v.get("delta"), v.get("budget"), v.get("accountant"),
+        rows = [[site, v.get("run_epsilon"), v.get("epsilon"), v.get("delta"), v.get("budget") or "none", v.get("accountant"),
                  v.get("noise_multiplier"), v.get("steps")] for site, v in sorted(p["per_site"].items())]
         text += _table(["site", "epsilon (this run)", "epsilon (lifetime)", "delta", "budget", "accountant",
                         "noise multiplier", "DP-SGD steps"], rows)
@@ -99,7 +99,8 @@ def _privacy(meta: dict) -> str:
         text += (f"\nClient-level DP: epsilon {_fmt(c['epsilon'])} at delta {_fmt(c['delta'])} ({c['accountant']}), "
                  f"noise {_fmt(c['noise_multiplier'])}, clipping {_fmt(c['clipping_norm'])}, {c['releases']} releases.\n")
     if not p["per_site"] and not p["client"]:
-        text += "No differential privacy in this run: the model may memorise training records.\n"
+        text += ("No differential privacy in this run: the model may memorise training records.\n"
+                 if p["level"] == "none" else "No site reported a privacy spend (no update was trained under DP).\n")
     return text
 
 

@@ -1,8 +1,7 @@
 """Convergence: global metrics per round, per-site curves, local vs global."""
-import plotly.express as px
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -20,7 +19,7 @@ def body() -> None:
     compared = common.compared_runs()
     series = data.global_metric(compared, metric)
     series["curve"] = series["run_id"] + " · " + series["kind"]
-    fig = px.line(series, x="round", y="value", color="run_id", line_dash="kind", markers=len(series) < 200,
+    fig = figures.line(series, x="round", y="value", color="run_id", line_dash="kind", markers=len(series) < 200,
                   title=f"Global {metric} (test splits, weighted by examples)", labels={"value": metric})
     for r in data.exported_rounds(run["run_id"]):   # the rounds `fedcare export` wrote
         fig.add_vline(x=r, line_dash="dot", line_color="gray", annotation_text=f"exported (round {r})")
@@ -28,14 +27,14 @@ def body() -> None:
 
     kinds = data.evaluation_kinds(run["run_id"])
     per_site = data.site_metric(run["run_id"], metric, q.FEDERATED)
-    fig = px.line(per_site, x="round", y="value", color="site", markers=len(per_site) < 200,
+    fig = figures.line(per_site, x="round", y="value", color="site", markers=len(per_site) < 200,
                   title=f"{metric} of the global model on each site's test split", labels={"value": metric})
     common.plot(fig, key="conv_sites")
 
     if q.LOCAL in kinds:
         final = data.final_site_metrics(run["run_id"], metric)
         final = final[final["scope"] != q.GLOBAL]
-        fig = px.bar(final, x="scope", y="value", color="kind", barmode="group",
+        fig = figures.bar(final, x="scope", y="value", color="kind", barmode="group",
                      title=f"Local (personalised) vs global model: {metric} at the latest round",
                      labels={"scope": "site", "value": metric})
         common.plot(fig, key="conv_local")
@@ -44,7 +43,7 @@ def body() -> None:
 
     loss = data.train_loss(run["run_id"])
     if not loss.empty and loss["train_loss"].notna().any():
-        fig = px.line(loss, x="round", y="train_loss", color="site", title="Training loss of accepted updates")
+        fig = figures.line(loss, x="round", y="train_loss", color="site", title="Training loss of accepted updates")
         common.plot(fig, key="conv_loss")
 
 

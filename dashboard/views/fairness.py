@@ -3,7 +3,7 @@ and the same experiment at several epsilons side by side."""
 import plotly.express as px
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -61,13 +61,13 @@ def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: i
     present = [g for g in names if g in series and series[g].notna().any()]
     if present:
         long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
-        fig = px.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
+        fig = figures.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
                       title=f"{metric} per {attribute} group")
         common.plot(fig, key="fair_groups")
     gaps = {"demographic_parity_difference": "demographic parity difference",
             "equalized_odds_difference": "equalized odds difference", "site_gap": "best - worst site accuracy"}
     diffs = series.rename(columns=gaps).melt(id_vars="round", value_vars=list(gaps.values()), var_name="measure")
-    fig = px.line(diffs, x="round", y="value", color="measure", title=f"{attribute}: differences over rounds")
+    fig = figures.line(diffs, x="round", y="value", color="measure", title=f"{attribute}: differences over rounds")
     common.plot(fig, key="fair_diffs")
 
 
@@ -101,7 +101,7 @@ def epsilon_view(data) -> None:
     measures = [c for c in siblings.columns if c.endswith(("worst_group_accuracy", "equalized_odds_difference"))]
     long = siblings.assign(setting=siblings["dp"]).melt(id_vars="setting", value_vars=["accuracy", *measures],
                                                         var_name="measure")
-    fig = px.bar(long, x="measure", y="value", color="setting", barmode="group",
+    fig = figures.bar(long, x="measure", y="value", color="setting", barmode="group",
                  title="Accuracy, worst-group accuracy and equalized odds by DP setting")
     common.plot(fig, key="fair_epsilon")
 

@@ -1,9 +1,8 @@
 """Privacy: epsilon spent per site against its budget, per round and lifetime."""
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -44,7 +43,7 @@ def body() -> None:
     common.plot(fig, key="privacy_sites")
 
     series = data.privacy_series(run["run_id"])
-    fig = px.line(series, x="round", y="epsilon", color="site", markers=len(series) < 200,
+    fig = figures.line(series, x="round", y="epsilon", color="site", markers=len(series) < 200,
                   title="Lifetime epsilon after each round")
     budgets = dp["budget"].dropna().unique()
     for b in budgets:

@@ -1,8 +1,7 @@
 """Runs: every run in the store; the selected ones compared."""
-import plotly.express as px
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -12,7 +11,7 @@ common.header("Runs", run)
 
 def body() -> None:
     data = common.data(engine)
-    runs = data.list_runs()
+    runs = common.runs_table(engine)
     table = runs.assign(
         rounds=runs["rounds_done"].astype(str) + " / " + runs["rounds_planned"].fillna(0).astype(int).astype(str),
         sites=runs["sites_seen"].astype(str) + " / " + runs["sites_planned"].fillna(0).astype(int).astype(str),
@@ -38,7 +37,7 @@ def body() -> None:
     if not sites.empty:
         worst = sites.loc[sites["value"].idxmin()]
         cols[3].metric(f"Worst site: {worst['scope']}", f"{worst['value']:.3f}")
-        fig = px.bar(final[final["scope"] != q.GLOBAL], x="scope", y="value", color="kind", barmode="group",
+        fig = figures.bar(final[final["scope"] != q.GLOBAL], x="scope", y="value", color="kind", barmode="group",
                      title=f"Latest round, per site (test splits): {final_metric}",
                      labels={"scope": "site", "value": final_metric})
         common.plot(fig, key="runs_sites")
@@ -47,7 +46,7 @@ def body() -> None:
     compared = common.compared_runs()
     series = data.global_metric(compared, metric)
     series = series[series["kind"] == q.FEDERATED]
-    fig = px.line(series, x="round", y="value", color="run_id", markers=len(series) < 200,
+    fig = figures.line(series, x="round", y="value", color="run_id", markers=len(series) < 200,
                   title=f"Global {metric} per round" + (" (compared runs)" if len(compared) > 1 else ""),
                   labels={"value": metric})
     common.plot(fig, key="runs_compare")

@@ -2,7 +2,7 @@
 import plotly.express as px
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -27,7 +27,7 @@ def body() -> None:
                  hide_index=True)
 
     part = data.participation(run["run_id"])
-    fig = px.bar(part, x="round", y="sites", color="status", color_discrete_map=STATUS_COLORS,
+    fig = figures.bar(part, x="round", y="sites", color="status", color_map=STATUS_COLORS,
                  title="Sites per round by outcome")
     common.plot(fig, key="sites_participation")
 
@@ -42,7 +42,7 @@ def body() -> None:
                       format_func={"num_examples": "examples", "update_bytes": "update bytes",
                                    "duration_s": "duration (s)"}.get, key="sites_series")
     series = data.site_series(run["run_id"], column)
-    fig = px.line(series, x="round", y=column, color="site", title=f"{column} per site and round")
+    fig = figures.line(series, x="round", y=column, color="site", title=f"{column} per site and round")
     common.plot(fig, key="sites_series_chart")
 
     problems = data.site_problems(run["run_id"])
