@@ -382,7 +382,11 @@ def start_executor(spec: "SiteSpec", workdir: Path, flwr_home: Path | None = Non
 
 def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_config: Path,
                       max_retries: int | None = None, max_wait: float | None = None) -> list[str]:
-    cmd = [_exe("flower-supernode"), "--superlink", superlink,
+    import sys
+
+    # with fedcare's executor: flwr's SuperNode with its idle sleeps shortened (fedcare.client.supernode)
+    launcher = [sys.executable, "-m", "fedcare.client.supernode"] if spec.executor_secret else [_exe("flower-supernode")]
+    cmd = [*launcher, "--superlink", superlink,
            "--root-certificates", str(Path(root_cert).resolve()),
            "--auth-supernode-private-key", str(Path(spec.node_key).resolve()),
            "--host", spec.host, "--port", str(spec.port),
