@@ -84,12 +84,21 @@ class Loopback:
         return []
 
 
-def simulation(work: Path, task: str, sites: int, sets: list[str], rounds: int) -> dict:
-    db = f"sqlite:///{work / 'sim.db'}"
+def simulation(work: Path, task: str, sites: int, sets: list[str], rounds: int, tries: int = 2) -> dict:
+    """``fedcare simulate``; on a loaded machine Ray can time out starting, so it is
+    tried again (each failure is kept in the result)."""
     env = {**os.environ, "FEDCARE_WORKDIR": str(work / "runs"), "FLWR_TELEMETRY_ENABLED": "0"}
-    out = fedcare("simulate", "--task", task, *(["--sites", str(sites)] if task != "heart-disease" else []),
-                  "--rounds", str(rounds), "--db", db, "--quiet", *sets, env=env)
-    return {"rounds": rounds_of(db, run_id_of(out.stdout))}
+    failures = []
+    for attempt in range(tries):
+        db = f"sqlite:///{work / f'sim{attempt}.db'}"
+        try:
+            out = fedcare("simulate", "--task", task, *(["--sites", str(sites)] if task != "heart-disease" else []),
+                          "--rounds", str(rounds), "--db", db, "--quiet", *sets, env=env)
+        except SystemExit as err:
+            failures.append(str(err)[-300:])
+            continue
+        return {"rounds": rounds_of(db, run_id_of(out.stdout)), "failed_attempts": failures}
+    raise SystemExit("fedcare simulate failed every time:\n" + "\n".join(failures))
 
 
 def site_folders(work: Path, task: str, sites: int) -> dict[str, Path]:
@@ -145,7 +154,7 @@ def deployment(work: Path, task: str, sites: int, sets: list[str], rounds: int, 
             spawn(host, [exe, "site", "start", "--site-id", site, "--data", str(folder),
                          "--superlink", f"{coord}:{port}", "--root-cert", str(tls.ca_cert),
                          "--node-key", str(keys[site].private_key), "--ledger", str(work / f"{site}.ledger.db"),
-                         "--port", str(free_port()), "--workdir", str(work / site),
+                         "--port", str(free_port()), "--workdir", str(work / site), "--task", task,
                          *([] if executor else ["--per-message"])],
                   work / f"{site}.log", {"FLWR_HOME": str(work / site / "flwr-home")})
         ready = time.time()
@@ -156,6 +165,18 @@ def deployment(work: Path, task: str, sites: int, sets: list[str], rounds: int, 
         lan.procs = procs
         lan.close()
     return {"setup_s": ready - t_setup, "sites_start_s": ready - t_sites, "rounds": rounds_of(db, run_id_of(out.stdout))}
+
+
+def run_mode(mode: str, work: Path, args, sets: list[str]) -> dict:
+    if mode == "simulation":
+        return simulation(work, args.task, args.sites, sets, args.rounds)
+    if mode == "executor-netns":
+        from netns import Lan
+
+        names = list(site_folders(work / "probe", args.task, args.sites))
+        with Lan(["coordinator", *names]) as lan:
+            return deployment(work, args.task, args.sites, sets, args.rounds, True, lan)
+    return deployment(work, args.task, args.sites, sets, args.rounds, mode == "executor", Loopback())
 
 
 def p90(xs: list[float]) -> float:
@@ -193,27 +214,27 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix=f"fedcare-overhead-{mode}-") as tmp:
             work = Path(tmp)
             t0 = time.time()
-            if mode == "simulation":
-                res = simulation(work, args.task, args.sites, sets, args.rounds)
-            elif mode == "executor-netns":
-                from netns import Lan
-
-                names = list(site_folders(work / "probe", args.task, args.sites))
-                with Lan(["coordinator", *names]) as lan:
-                    res = deployment(work, args.task, args.sites, sets, args.rounds, True, lan)
-            else:
-                res = deployment(work, args.task, args.sites, sets, args.rounds, mode == "executor", Loopback())
+            try:
+                res = run_mode(mode, work, args, sets)
+            except SystemExit as err:   # one mode failing keeps the others' numbers
+                result["modes"][mode] = {"error": str(err)[-1500:], "load_average": os.getloadavg()}
+                print(f"{mode} failed: {str(err)[-500:]}", file=sys.stderr)
+                continue
             res["wall_s"] = time.time() - t0
             res["load_average_after"] = os.getloadavg()
         result["modes"][mode] = summarise(res)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))   # written after every mode: a long run keeps what it has
     sim = result["modes"].get("simulation")
+    sim = sim if sim and "error" not in sim else None
     print(f"{args.task}, {args.sites} sites, {args.rounds} rounds x {args.local_steps} local steps "
           f"(load average {result['load_average_before'][0]:.1f} before, on {result['cpus']} CPUs; shared machine)")
     print(f"{'mode':<16} {'median s':>9} {'p90 s':>7} {'first s':>8} {'compute':>8} {'waiting':>8} "
           f"{'transfer':>9} {'rest':>6} {'vs sim':>8}")
     for mode, r in result["modes"].items():
+        if "error" in r:
+            print(f"{mode:<16} failed: {r['error'].splitlines()[-1][:100]}")
+            continue
         rel = f"{r['median_s'] - sim['median_s']:+.2f}s" if sim and mode != "simulation" else ""
         print(f"{mode:<16} {r['median_s']:>9.2f} {r['p90_s']:>7.2f} {r['first_round_s']:>8.2f} "
               f"{r['median_compute_s']:>8.2f} {r['median_waiting_s']:>8.2f} {r['median_transfer_s']:>9.2f} "

@@ -80,7 +80,8 @@ def start(
     ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite; created if missing)"),
     policy: Optional[Path] = typer.Option(None, help="The site's policy (TOML); without it every run is allowed"),
     audit: Optional[Path] = typer.Option(None, help="Audit log (default: SITE_ID.audit.jsonl next to the ledger)"),
-    task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task"),
+    task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task (and let the "
+                                                  "executor load its data and model before the first round)"),
     port: int = typer.Option(9094, help="Local port of the SuperNode's ClientApp API (one per site on a machine)"),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank this site trains with (heterogeneous ranks)"),
     workdir: Path = typer.Option(Path("~/.fedcare/site"), help="Folder for the SuperNode's log and node config"),
