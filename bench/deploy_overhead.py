@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def deployment(work: Path, task: str, sites: int, sets: list[str], rounds: int, 
                          "--superlink", f"{coord}:{port}", "--root-cert", str(tls.ca_cert),
                          "--node-key", str(keys[site].private_key), "--ledger", str(work / f"{site}.ledger.db"),
                          "--port", str(free_port()), "--workdir", str(work / site), "--task", task,
+                         "--threads", "1",   # one core per site, as Ray gives each simulated site
                          *([] if executor else ["--per-message"])],
                   work / f"{site}.log", {"FLWR_HOME": str(work / site / "flwr-home")})
         ready = time.time()
@@ -223,6 +225,11 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra key=value run settings")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+
+    def interrupted(*_):   # stop like Ctrl-C, so every started process and namespace is cleaned up
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     modes = [m for m in args.modes.split(",") if m]
     sets = ["--set", f"train.local_steps={args.local_steps}", "--set", f"strategy.min_sites={args.sites}",
             *[a for s in args.sets for a in ("--set", s)]]

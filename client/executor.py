@@ -194,6 +194,8 @@ def main() -> None:
     ap.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode's Runtime API")
     ap.add_argument("--secret-file", help="the SuperExec auth secret the SuperNode was started with")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between task claims when idle")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 when sites share a machine's cores")
     ap.add_argument("--warm-task", help="load this task's data and model for the site before the first task")
     ap.add_argument("--site-id")
     ap.add_argument("--data-path")
@@ -201,6 +203,10 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     secret = open(args.secret_file, "rb").read() if args.secret_file else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     executor = SiteExecutor(args.runtime_api, secret, args.poll)
 
     def stop(*_):

@@ -318,6 +318,7 @@ class SiteSpec:
     port: int = 9094                 # the SuperNode's own runtime (ClientApp IO) API port
     host: str = "127.0.0.1"
     executor_secret: Path | None = None  # set: `--isolation process`, tasks run by fedcare's executor
+    threads: int = 0                     # the executor's torch threads (0: torch's default)
 
     def node_config(self) -> dict[str, str | int]:
         cfg: dict[str, str | int] = {"site-id": self.site_id}
@@ -367,6 +368,8 @@ def start_executor(spec: "SiteSpec", workdir: Path, flwr_home: Path | None = Non
 
     cmd = [sys.executable, "-m", "fedcare.client.executor", "--runtime-api", f"{spec.host}:{spec.port}",
            "--secret-file", str(spec.executor_secret)]
+    if spec.threads:
+        cmd += ["--threads", str(spec.threads)]
     if warm_task and spec.data_path:
         cmd += ["--warm-task", warm_task, "--site-id", spec.site_id, "--data-path", str(Path(spec.data_path).resolve())]
         if spec.lora_rank:
