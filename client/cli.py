@@ -144,10 +144,13 @@ def start(
     ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite; created if missing)"),
     policy: Optional[Path] = typer.Option(None, help="The site's policy (TOML); without it every run is allowed"),
     audit: Optional[Path] = typer.Option(None, help="Audit log (default: SITE_ID.audit.jsonl next to the ledger)"),
-    task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task"),
+    task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task (and let the "
+                                                  "executor load its data and model before the first round)"),
     port: int = typer.Option(9094, help="Local port of the SuperNode's ClientApp API (one per site on a machine)"),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank this site trains with (heterogeneous ranks)"),
     workdir: Path = typer.Option(Path("~/.fedcare/site"), help="Folder for the SuperNode's log and node config"),
+    threads: int = typer.Option(0, help="torch threads of the site executor (0: torch's default; 1 when "
+                                        "several sites share one machine's cores)"),
     per_message: bool = typer.Option(False, help="Let flwr start a fresh ClientApp process for every message "
                                                  "instead of the site's long-lived executor"),
 ) -> None:
@@ -156,7 +159,7 @@ def start(
 
     spec = SiteSpec(site_id=site_id, node_key=node_key.expanduser(), data_path=data.expanduser(),
                     ledger=ledger.expanduser(), policy=policy.expanduser() if policy else None,
-                    audit=audit.expanduser() if audit else None, lora_rank=lora_rank, port=port)
+                    audit=audit.expanduser() if audit else None, lora_rank=lora_rank, port=port, threads=threads)
     run_site(spec, superlink, root_cert.expanduser(), workdir.expanduser(), task=task, echo=typer.echo,
              per_message=per_message)
 

@@ -144,9 +144,11 @@ class SiteExecutor:
             client.close()
         return Outcome(kind, not details, details, time.perf_counter() - t0)
 
-    def serve(self, preload: bool = True) -> None:
+    def serve(self, preload: bool = True, warm: dict | None = None) -> None:
         if preload:
             from . import app  # noqa: F401  torch, flwr, fedcare: paid once, before the first task
+        if warm:
+            warm_up(**warm)
         print(f"fedcare site executor claiming tasks from the SuperNode at {self.address}", flush=True)
         while not self.stopping:
             try:
@@ -165,6 +167,23 @@ class SiteExecutor:
         self.claims.close()
 
 
+def warm_up(task: str, site_id: str, data_path: str, lora_rank: int | None = None) -> None:
+    """Load the site's data split and build the task's model (pretrained weights
+    included) with the task's default settings, before the first task arrives: a run
+    with those settings finds both cached, others still find the base weights loaded."""
+    from fedcare.launch import resolve_config
+    from fedcare.models.registry import get_task
+
+    from .site import Site
+
+    cfg = resolve_config(task, [])
+    cfg.data.path = data_path
+    node_config = {"site-id": site_id, "data-path": data_path, **({"lora-rank": lora_rank} if lora_rank else {})}
+    site = Site(site_id=site_id, cfg=cfg, task=get_task(task), node_config=node_config)
+    site.split()
+    site.model()
+
+
 class _NoInterceptor:
     def intercept(self, context, call_next):
         return call_next(context)
@@ -175,9 +194,19 @@ def main() -> None:
     ap.add_argument("--runtime-api", required=True, help="HOST:PORT of the SuperNode's Runtime API")
     ap.add_argument("--secret-file", help="the SuperExec auth secret the SuperNode was started with")
     ap.add_argument("--poll", type=float, default=0.05, help="seconds between task claims when idle")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 when sites share a machine's cores")
+    ap.add_argument("--warm-task", help="load this task's data and model for the site before the first task")
+    ap.add_argument("--site-id")
+    ap.add_argument("--data-path")
+    ap.add_argument("--lora-rank", type=int)
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     secret = open(args.secret_file, "rb").read() if args.secret_file else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     executor = SiteExecutor(args.runtime_api, secret, args.poll)
 
     def stop(*_):
@@ -185,7 +214,11 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    executor.serve()
+    warm = None
+    if args.warm_task:
+        warm = {"task": args.warm_task, "site_id": args.site_id, "data_path": args.data_path,
+                "lora_rank": args.lora_rank}
+    executor.serve(warm=warm)
 
 
 if __name__ == "__main__":

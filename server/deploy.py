@@ -332,6 +332,7 @@ class SiteSpec:
     port: int = 9094                 # the SuperNode's own runtime (ClientApp IO) API port
     host: str = "127.0.0.1"
     executor_secret: Path | None = None  # set: `--isolation process`, tasks run by fedcare's executor
+    threads: int = 0                     # the executor's torch threads (0: torch's default)
 
     def node_config(self) -> dict[str, str | int]:
         cfg: dict[str, str | int] = {"site-id": self.site_id}
@@ -373,13 +374,20 @@ def write_secret(path: Path) -> Path:
 
 
 def start_executor(spec: "SiteSpec", workdir: Path, flwr_home: Path | None = None,
-                   timeout: float = 300.0) -> Managed:
+                   timeout: float = 300.0, warm_task: str | None = None) -> Managed:
     """Start the site's executor (``fedcare.client.executor``) for the SuperNode of
-    ``spec`` and wait until torch, fedcare and the app are loaded."""
+    ``spec`` and wait until torch, fedcare and the app are loaded (and, with
+    ``warm_task``, the site's data and that task's model)."""
     import sys
 
     cmd = [sys.executable, "-m", "fedcare.client.executor", "--runtime-api", f"{spec.host}:{spec.port}",
            "--secret-file", str(spec.executor_secret)]
+    if spec.threads:
+        cmd += ["--threads", str(spec.threads)]
+    if warm_task and spec.data_path:
+        cmd += ["--warm-task", warm_task, "--site-id", spec.site_id, "--data-path", str(Path(spec.data_path).resolve())]
+        if spec.lora_rank:
+            cmd += ["--lora-rank", str(spec.lora_rank)]
     proc = _spawn(f"site executor {spec.site_id}", cmd, Path(workdir) / f"{spec.site_id}.executor.log",
                   _env(flwr_home))
     deadline = time.time() + timeout
@@ -396,7 +404,11 @@ def start_executor(spec: "SiteSpec", workdir: Path, flwr_home: Path | None = Non
 
 def supernode_command(spec: SiteSpec, superlink: str, root_cert: Path, node_config: Path,
                       max_retries: int | None = None, max_wait: float | None = None) -> list[str]:
-    cmd = [_exe("flower-supernode"), "--superlink", superlink,
+    import sys
+
+    # with fedcare's executor: flwr's SuperNode with its idle sleeps shortened (fedcare.client.supernode)
+    launcher = [sys.executable, "-m", "fedcare.client.supernode"] if spec.executor_secret else [_exe("flower-supernode")]
+    cmd = [*launcher, "--superlink", superlink,
            "--root-certificates", str(Path(root_cert).resolve()),
            "--auth-supernode-private-key", str(Path(spec.node_key).resolve()),
            "--host", spec.host, "--port", str(spec.port),
@@ -511,7 +523,7 @@ def run_coordinator(tls: TlsFiles, database: Path, workdir: Path, flwr_home: Pat
             link.stop()
 
 
-def check_site_data(task: str, data_path: Path) -> int:
+def check_site_data(task: str, data_path: Path, site_id: str = "site") -> int:
     """Load the site's data the way the ClientApp will; return its training examples."""
     from fedcare.config import RunConfig
     from fedcare.models.registry import get_task
@@ -524,12 +536,13 @@ def check_site_data(task: str, data_path: Path) -> int:
 
         return check_folder(str(data_path), task, cfg, cfg.site.min_group_size)["rows"]["train"]
     cfg.data.path = str(Path(data_path).resolve())
-    split = get_task(task).load_site("site", cfg)
+    split = get_task(task).load_site(site_id, cfg)
     return len(split.train)
 
 
 def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *, executor: bool = True,
-               flwr_home: Path | None = None, **supernode_args) -> tuple[Managed, Managed | None]:
+               flwr_home: Path | None = None, warm_task: str | None = None,
+               **supernode_args) -> tuple[Managed, Managed | None]:
     """A site's SuperNode and, with ``executor`` (the default), the long-lived executor
     that runs its ClientApp tasks; without it flwr starts a ``flwr-clientapp`` process
     per message. Returns (supernode, executor or None)."""
@@ -542,7 +555,7 @@ def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *
     if not executor:
         return node, None
     try:
-        return node, start_executor(spec, workdir, flwr_home)
+        return node, start_executor(spec, workdir, flwr_home, warm_task=warm_task)
     except BaseException:
         node.stop()
         raise
@@ -556,12 +569,12 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
     refused or stops."""
     check_site(spec, root_cert)
     if task and spec.data_path:
-        n = check_site_data(task, spec.data_path)
+        n = check_site_data(task, spec.data_path, spec.site_id)
         echo(f"{spec.data_path}: {n} training examples for task {task}")
     check_superlink_reachable(superlink, root_cert)
     with _terminate_on_sigterm():
         node, helper = start_site(spec, superlink, root_cert, workdir, executor=not per_message,
-                                  flwr_home=flwr_home, precheck=False, max_retries=None)
+                                  flwr_home=flwr_home, warm_task=task, precheck=False, max_retries=None)
         try:
             if helper is not None:
                 echo(f"site executor ready (model and data stay loaded between rounds); log {helper.log_path}")

@@ -54,3 +54,20 @@ def test_supernode_accepts_process_isolation_and_a_superexec_secret():
     out = subprocess.run([shutil.which("flower-supernode"), "--help"], capture_output=True, text=True, timeout=120)
     assert "--isolation" in out.stdout and "process" in out.stdout
     assert "--superexec-auth-secret-file" in out.stdout
+
+
+def test_supernode_idle_sleeps_are_where_fedcare_shortens_them():
+    import time
+
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    from fedcare.client.supernode import ShortSleeps
+
+    assert callable(flower_supernode)
+    assert start_client_internal.time is time, "flwr no longer calls time.sleep in start_client_internal"
+    source = inspect.getsource(start_client_internal)
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source, "flwr changed the SuperNode's poll sleeps"
+    t0 = time.perf_counter()
+    ShortSleeps(0.05).sleep(3)
+    assert time.perf_counter() - t0 < 1.0 and ShortSleeps(0.05).monotonic() > 0

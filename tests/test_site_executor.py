@@ -123,3 +123,22 @@ def test_executor_runs_rounds_survives_a_crashing_handler_and_restarts(tmp_path)
     finally:
         for proc in reversed(started):
             proc.stop()
+
+
+def test_warm_up_loads_what_the_first_round_with_default_settings_uses(tmp_path, identity):
+    from fedcare.client import site as site_mod
+    from fedcare.client.executor import warm_up
+    from fedcare.launch import resolve_config
+
+    data = _site_folder(tmp_path, "va", "processed.va.data")
+    warm_up("heart-disease", "va", str(data))
+    splits, models = site_mod._split.cache_info(), site_mod._model.cache_info()
+    cfg = resolve_config("heart-disease", [])
+    ctx = Context(run_id=7, node_id=11, state=RecordDict(), run_config=cfg.to_flat(),
+                  node_config={"site-id": "va", "data-path": str(data)})
+    msg = Message(RecordDict({S.ARRAYS: to_array_record(initial_state(cfg)),
+                              S.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=11, message_type="train")
+    reply, reason = handle(msg, ctx)
+    assert reason == "" and not reply.has_error()
+    assert site_mod._split.cache_info().hits > splits.hits and site_mod._split.cache_info().misses == splits.misses
+    assert site_mod._model.cache_info().hits > models.hits and site_mod._model.cache_info().misses == models.misses
