@@ -61,13 +61,22 @@ def config(sites: int, alpha: float, seed: int, rounds: int, steps: int, batch: 
     return RunConfig.from_flat({**get_task(TASK).defaults, "task": TASK, "sites": sites, "rounds": rounds,
                                 "seed": seed, "data.dirichlet_alpha": alpha, "train.mode": "head",
                                 "train.local_steps": steps, "train.batch_size": batch, "train.lr": lr,
-                                **dp_sets(eps, 1e-5, 1.0, "prv"), **extra}).validate()
+                                **dp_sets(eps, 1e-5, extra.get("dp.max_grad_norm", 1.0), "prv"), **extra}).validate()
 
 
 def weighted(res: dict) -> dict:
     per = res["per_site"].values()
     n = sum(m["n_test"] for m in per)
     return {k: sum(m[k] * m["n_test"] for m in per) / n for k in ("accuracy", "macro_f1")}
+
+
+def append_row(row: dict, embed_seconds: float) -> None:
+    """Add one row to the JSON (re-read first: several sweeps may share the file)."""
+    doc = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
+    doc["embed_seconds_all_abstracts"] = embed_seconds or doc.get("embed_seconds_all_abstracts")
+    doc["rows"].append(row)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(doc, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pooled", action="store_true", help="also pooled training at equal compute")
     ap.add_argument("--cache", type=Path, default=None, help="file keeping the frozen embeddings")
     ap.add_argument("--tag", default="", help="label of this invocation's rows")
+    ap.add_argument("--max-train", type=int, default=0, help="data.max_train_per_site (0: all)")
+    ap.add_argument("--max-test", type=int, default=0, help="data.max_test_per_site (0: all)")
+    ap.add_argument("--clip", type=float, default=1.0, help="dp.max_grad_norm")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     warm = warm_embeddings(config(4, args.alphas[0], args.seeds[0], 1, 1, 16, 0.01, None, {}), args.cache)
     torch.set_num_threads(1)  # a linear head over cached embeddings: threads only spin
-    doc = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
-    doc["load_average"] = os.getloadavg()
-    doc["embed_seconds"] = warm or doc.get("embed_seconds")
-    extra = {"train.optimizer": args.optimizer}
+    extra = {"train.optimizer": args.optimizer, "data.max_train_per_site": args.max_train,
+             "data.max_test_per_site": args.max_test, "dp.max_grad_norm": args.clip}
     settings = [("federated", None)] + [("federated", e) for e in args.epsilons]
     if args.pooled:
         settings += [("pooled", None)] + [("pooled", e) for e in args.epsilons]
@@ -105,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             eps_spent = max((p or {}).get("epsilon", 0.0) for p in res["privacy"].values())
             scores.append({**weighted(res), "seed": seed, "seconds": res["seconds"], "epsilon_spent": eps_spent})
         row = {"tag": args.tag, "setting": setting, "epsilon": eps, "alpha": alpha, "lr": lr, "local_steps": steps,
-               "batch_size": batch, "rounds": args.rounds, "optimizer": args.optimizer,
+               "batch_size": batch, "rounds": args.rounds, "optimizer": args.optimizer, "clip": args.clip,
+               "max_train_per_site": args.max_train, "max_test_per_site": args.max_test,
                "accuracy": statistics.median(s["accuracy"] for s in scores),
                "macro_f1": statistics.median(s["macro_f1"] for s in scores), "seeds": scores}
-        doc["rows"].append(row)
+        row["load_average"] = os.getloadavg()
+        append_row(row, warm)
         print(f"{setting:9} eps={eps} alpha={alpha} lr={lr} steps={steps} batch={batch}: "
               f"acc {row['accuracy']:.4f} F1 {row['macro_f1']:.4f}", flush=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(doc, indent=1))
     return 0
 
 
