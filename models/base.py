@@ -73,6 +73,14 @@ class Task(ABC):
     def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels) for one batch: scores are class probabilities [N, C]."""
 
+    def canaries(self, m: int, rng: np.random.Generator, train: Dataset) -> Dataset:
+        """``m`` synthetic examples (same tensors as a training batch) that the privacy
+        audit (client/privacy_audit.py) plants in a site's training data: built to be
+        memorised, never copied from the site's records (``train``, which may shape them)."""
+        from fedcare.errors import ConfigError
+
+        raise ConfigError(f"task {self.name} has no privacy-audit canaries")
+
     def metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         from .metrics import classification_metrics
 
