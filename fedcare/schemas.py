@@ -29,6 +29,7 @@ REASON = "reason"
 PRIVACY_JSON = "privacy_json"   # PrivacySpend as JSON (DP runs)
 FAIRNESS_JSON = "fairness_json"  # per-group counts as JSON (evaluate replies)
 LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
+AUDIT_JSON = "audit_json"       # privacy-audit record as JSON (last round's evaluate reply)
 
 # --- site-round statuses in the store ----------------------------------------------
 ACCEPTED = "accepted"    # update aggregated
@@ -42,6 +43,11 @@ RUN_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 # --- privacy record keys (report "privacy" object per site) -------------------------
 PRIVACY_KEYS = ("epsilon", "run_epsilon", "delta", "budget", "accountant",
                 "noise_multiplier", "sample_rate", "steps")
+
+
+# --- privacy-audit record (client/privacy_audit.py), stored as an Evaluation of kind AUDIT
+AUDIT = "audit"
+AUDIT_KEYS = ("canaries", "guesses", "correct", "epsilon_lower_bound", "delta", "confidence")
 
 
 @dataclass

@@ -41,6 +41,8 @@ class Task(ABC):
     fixed_sites: ClassVar[int | None] = None
     #: whether the model is a base model + LoRA adapter (False: all parameters train)
     uses_lora: ClassVar[bool] = True
+    #: privacy-audit canaries per site that ``fedcare audit`` plants by default
+    audit_canaries: ClassVar[int] = 100
     #: name of the primary metric (for convergence plots and "rounds to X")
     primary_metric: ClassVar[str] = "accuracy"
 

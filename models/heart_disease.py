@@ -132,6 +132,7 @@ class HeartDiseaseTask(Task):
     num_classes = 2
     fixed_sites = len(CENTRES)
     uses_lora = False
+    audit_canaries = NUM_FEATURES
     defaults = {"train.local_steps": 100, "train.batch_size": 4, "train.lr": 1e-3, "train.optimizer": "adam"}
 
     def site_ids(self, cfg: RunConfig) -> list[str]:

@@ -219,6 +219,9 @@ class Federation:
                                                 num_examples=n, kind="local"))
             if S.FAIRNESS_JSON in info:
                 counts[site_id] = json.loads(info[S.FAIRNESS_JSON])
+            if S.AUDIT_JSON in info:   # the site's privacy-audit bound (client/privacy_audit.py)
+                evaluations.append(S.Evaluation(scope=site_id, metrics=json.loads(info[S.AUDIT_JSON]),
+                                                num_examples=0, kind=S.AUDIT))
             n_total += n
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * n
