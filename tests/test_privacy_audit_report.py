@@ -55,3 +55,57 @@ def test_a_run_without_audit_reports_none(store):
     store.write_round(run_id, _record(1, {}, {"a": 0.5}))
     assert build_report(store, run_id)["privacy_audit"] == {}
     assert queries.privacy_audit(store.engine, run_id).empty
+
+
+# ------------------------------------------------------- the site's ClientApp handlers
+@pytest.fixture
+def identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_a_deployed_site_that_opts_in_trains_with_canaries_and_sends_only_the_bound(tmp_path, identity):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedcare import schemas as S
+    from fedcare.client import app as client_app
+    from fedcare.client.privacy_audit import STATE_KEY
+    from fedcare.config import RunConfig
+    from fedcare.records import to_array_record
+    from fedcare.server.federation import initial_state
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(Path(__file__).resolve().parent.parent / "data" / "heart-disease" / "processed.cleveland.data", data)
+    cfg = RunConfig.from_flat({"task": "heart-disease", "rounds": 2, "train.local_steps": 3}).validate()
+    cfg.runtime.run_id = "run-audit-test"
+    ctx = Context(run_id=7, node_id=11, state=RecordDict(), run_config=cfg.to_flat(),
+                  node_config={"site-id": "cleveland", "data-path": str(data), "ledger": str(tmp_path / "l.db"),
+                               "audit-canaries": 13})
+
+    def send(kind: str, rnd: int) -> Message:
+        msg = Message(RecordDict({S.ARRAYS: to_array_record(initial_state(cfg)),
+                                  S.CONFIG: ConfigRecord({"server-round": rnd})}), dst_node_id=11, message_type=kind)
+        return getattr(client_app, kind)(msg, ctx)
+
+    first = send("train", 1)
+    seed_record = ctx.state[STATE_KEY]                        # the secret stays in the site's context
+    assert first.content[S.METRICS][S.NUM_EXAMPLES] > 199    # 199 records + the included canaries
+    assert int(seed_record["canaries"]) == 13
+    assert S.AUDIT_JSON not in send("evaluate", 1).content[S.SITE]     # not before the last round
+    assert send("train", 2).content[S.METRICS][S.NUM_EXAMPLES] == first.content[S.METRICS][S.NUM_EXAMPLES]
+    record = json.loads(send("evaluate", 2).content[S.SITE][S.AUDIT_JSON])
+    assert set(record) == set(S.AUDIT_KEYS) and record["canaries"] == 13 and record["guesses"] == 13
+    assert 0 <= record["correct"] <= 13 and record["epsilon_lower_bound"] >= 0
+
+    ctx.run_config["audit.planted_bug"] = "no_noise"          # a run cannot plant a bug at a real site
+    refused = send("train", 3).content[S.SITE]
+    assert refused[S.STATUS] == "refused" and "simulation tests only" in refused[S.REASON]
