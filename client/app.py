@@ -35,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     policy = _policy(site)
     try:
         split = site.split()
+        split = _with_canaries(site, context, split)
         _admit(site, policy, len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
@@ -89,6 +90,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
     metrics = site.task.metrics(scores, labels)
     info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)}
+    audit = _privacy_audit(site, context, split, model, rnd)
+    if audit is not None:
+        info[S.AUDIT_JSON] = json.dumps(audit)
     fairness = None
     if policy is None or policy.send_group_counts:
         min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0))
@@ -199,6 +203,20 @@ def _audit(site: Site, policy, rnd: int, kind: str, sha256: str, nbytes: int, pr
 def _nonce(msg: Message) -> str:
     """The server's nonce for this round, echoed so a reply cannot be replayed later."""
     return str(msg.content[S.CONFIG].get(S.NONCE, ""))
+
+
+def _with_canaries(site: Site, context: Context, split):
+    """The privacy audit's canaries joined to the training split (at sites that audit)."""
+    from .privacy_audit import site_canaries
+
+    canaries = site_canaries(site, context, split, create=True)
+    return canaries.join(split) if canaries is not None else split
+
+
+def _privacy_audit(site: Site, context: Context, split, model, rnd: int) -> dict | None:
+    from .privacy_audit import audit_final_round
+
+    return audit_final_round(site, context, split, model, rnd)
 
 
 def _refusal(msg: Message, site: Site, reason: str) -> Message:

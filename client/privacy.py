@@ -47,6 +47,7 @@ class DPPlan:
     delta: float
     accountant: str
     expected_batch_size: int
+    planted_bug: str = ""      # audit.planted_bug (simulation tests only)
 
     @property
     def event(self) -> tuple[float, float, int]:
@@ -77,7 +78,8 @@ def plan_round(cfg: RunConfig, num_train: int) -> DPPlan:
         noise = float(dp.noise_multiplier)
     else:
         raise PrivacyError("DP-SGD is on: set dp.epsilon (a target for the run) or dp.noise_multiplier")
-    return DPPlan(noise, sample_rate, steps, float(dp.max_grad_norm), float(dp.delta), dp.accountant, batch)
+    return DPPlan(noise, sample_rate, steps, float(dp.max_grad_norm), float(dp.delta), dp.accountant, batch,
+                  cfg.audit.planted_bug)
 
 
 @functools.lru_cache(maxsize=256)
@@ -200,6 +202,10 @@ def private_round(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data
             expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
             generator=_fresh_generator(device),
         )
+        if plan.planted_bug:  # the privacy audit's test switch: DP-SGD broken, accountant unaware
+            from .privacy_audit import plant_bug
+
+            plant_bug(dp_optimizer, plan.planted_bug)
         if proximal_mu > 0:
             dp_optimizer.proximal_mu = proximal_mu
             dp_optimizer.anchors = [p.detach().clone() for p in dp_optimizer.params]

@@ -55,6 +55,42 @@ DEMO_SETS = {"medical-abstracts": ["train.mode=head", "train.lr=0.01", "train.lo
 
 
 @app.command()
+def audit(
+    task: str = typer.Option("heart-disease", help="Task name (fedcare config tasks)"),
+    canaries: Optional[int] = typer.Option(None, help="Canaries per audited site (default: the task's own number)"),
+    audited: str = typer.Option("", help="Comma-separated sites that audit (default: every site)"),
+    sites: Optional[int] = typer.Option(None, help="Number of virtual hospitals (tasks with natural sites fix it)"),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds"),
+    db: Optional[str] = typer.Option(None, help=DB_HELP),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    ledger_dir: Optional[Path] = typer.Option(None, help="Keep the virtual sites' privacy ledgers here"),
+    quiet: bool = typer.Option(False, help="No progress display"),
+) -> None:
+    """Simulate TASK with a privacy audit (Steinke et al. 2023) at the sites: canaries join
+    each audited site's training data by a secret coin flip; after the run each site bounds
+    its epsilon from below. Prints the bound beside the accountant's epsilon; exit 1 when a
+    bound exceeds it (a privacy bug)."""
+    from .launch import resolve_config
+    from .models.registry import get_task
+    from .server.report import build_report
+    from .server.store import Store
+
+    m = canaries if canaries is not None else get_task(task).audit_canaries
+    cfg = resolve_config(task, [f"audit.canaries={m}", f"audit.sites={audited}", *set_], sites=sites, rounds=rounds)
+    run_id = run_simulation(cfg, _db(db), ledger_dir, quiet)
+    store = Store(_db(db))
+    rows = build_report(store, run_id)["privacy_audit"]
+    store.close()
+    for site, a in rows.items():
+        claimed = "none (no DP)" if a["accountant_epsilon"] is None else f"{a['accountant_epsilon']:.3f}"
+        flag = "  PRIVACY BUG: bound > accountant" if a["exceeds"] else ""
+        typer.echo(f"  audit {site:<14} accountant epsilon {claimed}  lower bound {a['epsilon_lower_bound']:.3f} "
+                   f"({a['correct']}/{a['guesses']} guesses right, {a['canaries']} canaries){flag}")
+    if any(a["exceeds"] for a in rows.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
 def demo(db: Optional[str] = typer.Option(None, help=DB_HELP),
          rounds: int = typer.Option(3, help="Rounds of each simulation")) -> None:
     """The README's first command: four real hospitals (Fed-Heart-Disease), then a text
@@ -176,6 +212,9 @@ def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
         typer.echo(f"  {site:<14} " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if isinstance(v, float)))
     for site, p in sorted(rep.get("privacy", {}).items()):
         typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget')}")
+    for site, a in rep.get("privacy_audit", {}).items():
+        typer.echo(f"  audit   {site:<14} lower bound={a['epsilon_lower_bound']:.3f} accountant={a['accountant_epsilon']}"
+                   + ("  PRIVACY BUG" if a["exceeds"] else ""))
 
 
 @app.command()

@@ -99,6 +99,20 @@ class FaultConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Empirical privacy audit (client/privacy_audit.py): each audited site mixes
+    ``canaries`` synthetic examples, each with probability 1/2, into its training data
+    and bounds epsilon from below after the run. In deployment a site opts in with its
+    node config ``audit-canaries``; these keys then only set guesses and confidence."""
+
+    canaries: int = 0              # simulation: canaries per audited site (0 = no audit)
+    sites: str = ""                # simulation: comma-separated audited sites ("" = all)
+    guesses: int = 0               # guesses per site, half "in", half "out" (0 = every canary)
+    confidence: float = 0.95       # of the lower bound
+    planted_bug: str = ""          # simulation tests only: no_noise | no_clip (DP-SGD broken, accountant unaware)
+
+
+@dataclass
 class RuntimeConfig:
     """Set by the fedcare CLI for one Flower run; not part of the stored experiment."""
 
@@ -121,6 +135,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ----------------------------------------------------------------- flat keys
@@ -241,6 +256,9 @@ class RunConfig:
         need(self.site.budget >= 0, "site.budget must be >= 0")
         need(self.faults.kind in ("", "nan", "shape", "scale", "sign", "random", "crash", "hang"),
              "faults.kind must be one of nan, shape, scale, sign, random, crash, hang")
+        need(self.audit.canaries >= 0 and self.audit.guesses >= 0, "audit.canaries and audit.guesses must be >= 0")
+        need(0 < self.audit.confidence < 1, "audit.confidence must be in (0, 1)")
+        need(self.audit.planted_bug in ("", "no_noise", "no_clip"), "audit.planted_bug must be '', no_noise or no_clip")
         return self
 
     @property

@@ -31,6 +31,7 @@ FAIRNESS_JSON = "fairness_json"  # per-group counts as JSON (evaluate replies)
 LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
 LORA_RANK = "lora_rank"         # the LoRA rank the site trains at (heterogeneous ranks)
 NONCE = "nonce"                 # in CONFIG (server -> site) and echoed in SITE: one per round
+AUDIT_JSON = "audit_json"       # privacy-audit record as JSON (last round's evaluate reply)
 
 # --- site-round statuses in the store ----------------------------------------------
 ACCEPTED = "accepted"    # update aggregated
@@ -44,6 +45,11 @@ RUN_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 # --- privacy record keys (report "privacy" object per site) -------------------------
 PRIVACY_KEYS = ("epsilon", "run_epsilon", "delta", "budget", "accountant",
                 "noise_multiplier", "sample_rate", "steps")
+
+
+# --- privacy-audit record (client/privacy_audit.py), stored as an Evaluation of kind AUDIT
+AUDIT = "audit"
+AUDIT_KEYS = ("canaries", "guesses", "correct", "epsilon_lower_bound", "delta", "confidence")
 
 
 @dataclass
@@ -86,6 +92,7 @@ class SiteUpdate:
     privacy: dict[str, Any] | None = None
     fairness: dict[str, Any] | None = None
     local_metrics: dict[str, float] | None = None
+    audit: dict[str, float] | None = None   # privacy-audit record (AUDIT_JSON)
     lora_rank: int | None = None
     arrays: dict[str, np.ndarray] | None = None
     message: Any = None              # the Flower reply, for strategies that aggregate messages

@@ -44,6 +44,8 @@ class Task(ABC):
     fixed_sites: ClassVar[int | None] = None
     #: whether the model is a base model + LoRA adapter (False: all parameters train)
     uses_lora: ClassVar[bool] = True
+    #: privacy-audit canaries per site that ``fedcare audit`` plants by default
+    audit_canaries: ClassVar[int] = 100
     #: name of the primary metric (for convergence plots and "rounds to X")
     primary_metric: ClassVar[str] = "accuracy"
 
@@ -75,6 +77,14 @@ class Task(ABC):
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(scores, labels) for one batch: scores are class probabilities [N, C]."""
+
+    def canaries(self, m: int, rng: np.random.Generator, train: Dataset) -> Dataset:
+        """``m`` synthetic examples (same tensors as a training batch) that the privacy
+        audit (client/privacy_audit.py) plants in a site's training data: built to be
+        memorised, never copied from the site's records (``train``, which may shape them)."""
+        from fedcare.errors import ConfigError
+
+        raise ConfigError(f"task {self.name} has no privacy-audit canaries")
 
     def metrics(self, scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         from .metrics import classification_metrics

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedcare.config import RunConfig
-from fedcare.errors import DataError
+from fedcare.errors import ConfigError, DataError
 
 from .base import SiteSplit, Task
 from .data import bundled_dir, verify_files
@@ -34,6 +34,7 @@ NUM_FEATURES = 13
 #: the preset's data contract, for a site that describes its own records in a dataset.toml
 LABELS = ("no disease", "disease")
 FEATURES = "age,sex,trestbps,chol,fbs,thalach,exang,oldpeak,cp=1|2|3|4,restecg=0|1|2"
+CANARY_NORM = 1000.0   # privacy-audit canaries lie this many standard deviations out
 
 
 def read_centre_file(path: Path) -> np.ndarray:
@@ -134,6 +135,7 @@ class HeartDiseaseTask(Task):
     num_classes = 2
     fixed_sites = len(CENTRES)
     uses_lora = False
+    audit_canaries = NUM_FEATURES
     defaults = {"train.local_steps": 100, "train.batch_size": 4, "train.lr": 1e-3, "train.optimizer": "adam"}
     # Server learning rates of the adaptive rules, and q-FedAvg's local SGD (its update
     # divides the round's change by the client learning rate, which assumes SGD): chosen
@@ -175,3 +177,19 @@ class HeartDiseaseTask(Task):
         x, y = batch
         p = torch.sigmoid(model(x).squeeze(-1)).detach().cpu().double().numpy()
         return np.stack([1.0 - p, p], axis=1), y.detach().cpu().numpy().astype(int)
+
+    def canaries(self, m: int, rng: np.random.Generator, train: TensorDataset) -> TensorDataset:
+        """Audit canaries a 14-parameter model can memorise: each lies CANARY_NORM
+        standard deviations out along its own feature axis (so it pulls one weight only,
+        hence at most NUM_FEATURES of them), labelled against the site's own data on that
+        axis, so that only training on it can make the model fit it."""
+        if m > NUM_FEATURES:
+            raise ConfigError(f"heart-disease's logistic regression can hold at most {NUM_FEATURES} audit canaries "
+                              f"(one per feature), asked for {m}")
+        x, y = train.tensors if isinstance(train, TensorDataset) else map(torch.stack, zip(*train))
+        trend = torch.sign(((2 * y.double() - 1)[:, None] * x.double()).mean(0)).numpy()
+        axes, sign = rng.permutation(NUM_FEATURES)[:m], rng.choice([-1.0, 1.0], m)
+        feats = np.zeros((m, NUM_FEATURES))
+        feats[np.arange(m), axes] = CANARY_NORM * sign
+        labels = (sign * trend[axes] < 0).astype(np.float64)
+        return TensorDataset(torch.tensor(feats, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32))

@@ -28,6 +28,7 @@ CHECKSUMS = {
 }
 MAX_LENGTH = 128        # tokens per abstract (pre-tokenised, padded to this length)
 MIN_TEST_PER_SITE = 5   # every virtual hospital gets at least this many test abstracts
+CANARY_TOKENS = 24      # random word pieces per privacy-audit canary
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class MedicalAbstractsTask(Task):
     sensitive_attributes = ()   # the corpus has no demographics
     num_classes = 5
     base_model = "sentence-transformers/all-MiniLM-L6-v2"   # what a site policy allow-lists
+    audit_canaries = 200
     defaults = {"train.batch_size": 16, "train.lr": 5e-4, "train.local_steps": 20,
                 "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
 
@@ -250,3 +252,15 @@ class MedicalAbstractsTask(Task):
         ids, mask, y = batch
         logits = model(input_ids=ids, attention_mask=mask)
         return torch.softmax(logits.float(), -1).cpu().numpy(), y.cpu().numpy()
+
+    def canaries(self, m: int, rng: np.random.Generator, train: TensorDataset) -> TensorDataset:
+        """Audit canaries: CANARY_TOKENS random word pieces (no abstract's text) between
+        [CLS] and [SEP], each with a random label: only memorising one can fit it."""
+        tok = tokenizer()
+        ids = torch.full((m, MAX_LENGTH), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((m, MAX_LENGTH), dtype=torch.long)
+        words = rng.integers(1000, tok.vocab_size, size=(m, CANARY_TOKENS))   # past [unused]/specials
+        ids[:, 0], ids[:, CANARY_TOKENS + 1] = tok.cls_token_id, tok.sep_token_id
+        ids[:, 1:CANARY_TOKENS + 1] = torch.as_tensor(words)
+        mask[:, :CANARY_TOKENS + 2] = 1
+        return TensorDataset(ids, mask, torch.as_tensor(rng.integers(0, self.num_classes, m), dtype=torch.long))

@@ -255,6 +255,8 @@ class Federation:
                 evaluations.append(S.Evaluation(scope=u.site, metrics=u.local_metrics, num_examples=n, kind="local"))
             if u.fairness is not None:
                 counts[u.site] = u.fairness
+            if u.audit is not None:   # the site's privacy-audit bound (client/privacy_audit.py)
+                evaluations.append(S.Evaluation(scope=u.site, metrics=u.audit, num_examples=0, kind=S.AUDIT))
             n_total += n
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * n

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 from fedcare.errors import StoreError
-from fedcare.schemas import ACCEPTED, FAILED, REFUSED, REJECTED
+from fedcare.schemas import ACCEPTED, AUDIT, FAILED, REFUSED, REJECTED
 
 from .store import EvaluationRow, EventRow, Round, Run, SiteRoundRow
 
@@ -118,7 +118,7 @@ def metric_names(engine: sa.Engine, run_id: str, kind: str = FEDERATED) -> list[
 
 
 def evaluation_kinds(engine: sa.Engine, run_id: str) -> list[str]:
-    stmt = sa.select(EvaluationRow.kind).where(EvaluationRow.run_id == run_id).distinct()
+    stmt = sa.select(EvaluationRow.kind).where(EvaluationRow.run_id == run_id, EvaluationRow.kind != AUDIT).distinct()
     with engine.connect() as conn:
         return sorted(conn.execute(stmt).scalars())
 
@@ -260,6 +260,30 @@ def privacy_by_site(engine: sa.Engine, run_id: str) -> pd.DataFrame:
                       sa.func.max(SiteRoundRow.round).label("last_round"))
             .where(SiteRoundRow.run_id == run_id).group_by(SiteRoundRow.site).order_by(SiteRoundRow.site))
     return _frame(engine, stmt)
+
+
+def privacy_audit(engine: sa.Engine, run_id: str) -> pd.DataFrame:
+    """Per audited site, its latest audit beside its accountant: site, round,
+    epsilon_lower_bound, canaries, guesses, correct, run_epsilon (null without DP),
+    exceeds (the bound is above the accountant's epsilon: a privacy bug)."""
+    last = (sa.select(EvaluationRow.scope, sa.func.max(EvaluationRow.round).label("last"))
+            .where(EvaluationRow.run_id == run_id, EvaluationRow.kind == AUDIT)
+            .group_by(EvaluationRow.scope).subquery())
+    claimed = (sa.select(SiteRoundRow.site, sa.func.max(SiteRoundRow.run_epsilon).label("run_epsilon"))
+               .where(SiteRoundRow.run_id == run_id).group_by(SiteRoundRow.site).subquery())
+    m = EvaluationRow.metrics
+    stmt = (sa.select(EvaluationRow.scope.label("site"), EvaluationRow.round,
+                      m["epsilon_lower_bound"].as_float().label("epsilon_lower_bound"),
+                      m["canaries"].as_integer().label("canaries"), m["guesses"].as_integer().label("guesses"),
+                      m["correct"].as_integer().label("correct"), claimed.c.run_epsilon)
+            .join(last, sa.and_(last.c.scope == EvaluationRow.scope, last.c.last == EvaluationRow.round))
+            .outerjoin(claimed, claimed.c.site == EvaluationRow.scope)
+            .where(EvaluationRow.run_id == run_id, EvaluationRow.kind == AUDIT).order_by(EvaluationRow.scope))
+    frame = _frame(engine, stmt)
+    for col in ("epsilon_lower_bound", "run_epsilon"):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame["exceeds"] = frame["epsilon_lower_bound"] > frame["run_epsilon"]   # NaN (no DP) compares False
+    return frame
 
 
 def privacy_series(engine: sa.Engine, run_id: str, max_points: int = 100) -> pd.DataFrame:

@@ -117,6 +117,8 @@ def _decode(content, kind, identities, nonce, expected, allow_lower_rank, update
     update.fairness = _json(info, S.FAIRNESS_JSON)
     local = _json(info, S.LOCAL_METRICS_JSON)
     update.local_metrics = _numbers(local, "local_metrics_json") if local is not None else None
+    audit = _json(info, S.AUDIT_JSON)
+    update.audit = _numbers(audit, S.AUDIT_JSON) if audit is not None else None
     if S.LORA_RANK in info:
         rank = info[S.LORA_RANK]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -30,6 +30,11 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
     client_privacy: {epsilon, delta, accountant, noise_multiplier, clipping_norm,
                      releases, round}  (client-level DP only; {} otherwise): the server
         accountant's epsilon for a whole site's participation, after the latest release,
+    privacy_audit: {site: {accountant_epsilon (the site's run epsilon, null without DP),
+                           epsilon_lower_bound, canaries, guesses, correct, delta, confidence,
+                           round, exceeds (bound > accountant: a privacy bug)}}  ({} without
+        an audit): the site's empirical lower bound (client/privacy_audit.py) next to what
+        its accountant claims; evaluations of kind "audit" hold the same records per round,
     fairness: {<latest non-empty round fairness JSON, as stored>} ({} if none),
     events: [ {time, kind, message, data} ]
 """
@@ -38,7 +43,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from fedcare.schemas import PRIVACY_KEYS
+from fedcare.schemas import AUDIT, AUDIT_KEYS, PRIVACY_KEYS
 
 from .store import Store, clean_json
 
@@ -82,6 +87,7 @@ def build_report(store: Store, run_id: str) -> dict:
         dp=run["dp"], rounds=report_rounds, final=final_metrics(evaluations),
         privacy=privacy_summary(site_rounds),
         client_privacy=client_privacy_summary(rounds, run["config"]),
+        privacy_audit=privacy_audit_summary(evaluations, site_rounds),
         fairness=next((r["fairness"] for r in reversed(rounds) if r["fairness"]), {}),
         events=store.events(run_id),
     )
@@ -130,6 +136,19 @@ def privacy_summary(site_rounds: list[dict]) -> dict[str, dict]:
             entry["steps"] = int(round_steps[site])
         out[site] = entry
     return out
+
+
+def privacy_audit_summary(evaluations: list[dict], site_rounds: list[dict]) -> dict[str, dict]:
+    """Per audited site: its latest audit record beside its accountant's run epsilon."""
+    privacy = privacy_summary(site_rounds)
+    out: dict[str, dict] = {}
+    for e in sorted((e for e in evaluations if e["kind"] == AUDIT), key=lambda e: e["round"]):
+        claimed = privacy.get(e["scope"], {}).get("run_epsilon")
+        bound = e["metrics"].get("epsilon_lower_bound")
+        out[e["scope"]] = dict(accountant_epsilon=claimed, **{k: e["metrics"].get(k) for k in AUDIT_KEYS},
+                               round=e["round"], exceeds=bool(claimed is not None and bound is not None
+                                                              and bound > claimed))
+    return dict(sorted(out.items()))
 
 
 def client_privacy_summary(rounds: list[dict], config: dict) -> dict:

@@ -1,4 +1,6 @@
-"""Privacy: epsilon spent per site against its budget, per round and lifetime."""
+"""Privacy: epsilon spent per site against its budget, per round and lifetime; and, where
+sites audited the run, the empirical lower bound beside the accountant's epsilon."""
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -16,6 +18,7 @@ def body() -> None:
     if by_site.empty:
         st.info(f"Run {run['run_id']} has no completed round yet.")
         return
+    audit_section(data)
     if by_site["epsilon"].isna().all():
         st.info(f"Run {run['run_id']} did not use differential privacy at the sites (DP: {run['dp']}), "
                 "so no site reported privacy spend.")
@@ -49,6 +52,35 @@ def body() -> None:
     for b in budgets:
         fig.add_hline(y=float(b), line_dash="dash", line_color="#c62828", annotation_text=f"budget {b:g}")
     common.plot(fig, key="privacy_rounds")
+
+
+def audit_section(data) -> None:
+    """The privacy audit: what the training demonstrably leaks (a lower bound) beside
+    what the accountant claims; a bound above the claim is a privacy bug."""
+    audit = data.privacy_audit(run["run_id"])
+    if audit.empty:
+        return
+    st.subheader("Privacy audit: accountant epsilon vs empirical lower bound")
+    bugs = audit[audit["exceeds"]]
+    if not bugs.empty:
+        st.error(f"Privacy bug: at {', '.join(bugs['site'])} the audit's lower bound exceeds the accountant's "
+                 "epsilon, so the training leaks more than the accountant reports.")
+    else:
+        st.caption("Each audited site trained with canaries (each included with probability 1/2 by a secret "
+                   "seed) and bounded epsilon from below at 95% confidence; the bound must stay below the "
+                   "accountant's epsilon. A bound is evidence, not a guarantee: a low bound proves nothing.")
+    st.dataframe(audit[["site", "run_epsilon", "epsilon_lower_bound", "exceeds", "canaries", "guesses", "correct",
+                        "round"]], hide_index=True,
+                 column_config={"run_epsilon": st.column_config.NumberColumn("accountant epsilon", format="%.3f"),
+                                "epsilon_lower_bound": st.column_config.NumberColumn("audit lower bound",
+                                                                                     format="%.3f"),
+                                "exceeds": st.column_config.CheckboxColumn("bound > accountant")})
+    fig = go.Figure()
+    fig.add_bar(x=audit["site"], y=audit["run_epsilon"], name="accountant epsilon (this run)")
+    fig.add_bar(x=audit["site"], y=audit["epsilon_lower_bound"], name="audit lower bound",
+                marker_color=["#c62828" if e else "#2e7d32" for e in audit["exceeds"]])
+    fig.update_layout(barmode="group", title="Claimed epsilon vs demonstrated leakage", yaxis_title="epsilon")
+    common.plot(fig, key="privacy_audit")
 
 
 common.live(body, run, engine)
