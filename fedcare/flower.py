@@ -46,7 +46,7 @@ def packaged_app_dir() -> Path:
                     "description": "Federated LoRA fine-tuning for hospitals under differential privacy"},
         "tool": {"flwr": {"app": {"publisher": "fedcare", "fab-include": ["docs/FAB.md"],
                                   "components": {"serverapp": "fedcare.server.app:app",
-                                                 "clientapp": "fedcare.client.entry:app"}}}},
+                                                 "clientapp": "fedcare.client.app:app"}}}},
     })
     text = head + "\n" + flower_app_config_toml()
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]

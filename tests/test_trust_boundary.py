@@ -32,13 +32,16 @@ class TamperingGrid(InProcessGrid):
             self._contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(),
                                            run_config=self._contexts[node].run_config, node_config=nc)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    # the round loop pushes messages and pulls replies (server/federation.py _send_and_collect)
+    def push_messages(self, messages):
         messages = list(messages)
-        kind = messages[0].metadata.message_type.split(".")[0] if messages else "train"
-        self.round[kind] += 1
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        out = []
-        for r in replies:
+        self.kind = messages[0].metadata.message_type.split(".")[0] if messages else "train"
+        self.round[self.kind] += 1
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        kind, out = self.kind, []
+        for r in super().pull_messages(message_ids):
             node = r.metadata.src_node_id
             sent = None if r.has_error() else r.content   # as the site sent it
             if self.tamper is not None:
@@ -243,13 +246,13 @@ class CrashingGrid(InProcessGrid):
         super().__init__(cfg, num_sites)
         self.crash_at, self.trains = crash_at, 0
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if messages and messages[0].metadata.message_type.startswith("train"):
             self.trains += 1
             if self.trains == self.crash_at:
                 raise KeyboardInterrupt("the coordinator is killed")
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 def test_client_level_epsilon_counts_the_rounds_released_before_a_resume(tmp_path):
