@@ -75,7 +75,7 @@ def handle(message, context):
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), reason
 
 
-def _client(address: str, interceptor):
+def _client(address: str, interceptor, retry_invoker=None):
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -83,7 +83,27 @@ def _client(address: str, interceptor):
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), interceptor],
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry_invoker or make_simple_http_retry_invoker())
+
+
+TASK_RETRY_S = 60.0   # how long one task's calls retry a restarting SuperNode before the task is dropped
+
+
+def _task_retry_invoker():
+    """Retries for one task's calls that give up instead of ending the process. Flower's
+    simple HTTP invoker sends SIGINT to its own process on 401 (right for a one-task
+    flwr-clientapp, fatal for a long-lived executor): a task whose run has ended (the
+    coordinator restarted) must fail alone while the executor goes on claiming."""
+    import httpx
+    from flwr.common.constant import MAX_RETRY_DELAY
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (400, 401, 403, 404)
+
+    return RetryInvoker(wait_gen_factory=lambda: exponential(max_delay=MAX_RETRY_DELAY),
+                        recoverable_exceptions=(httpx.TransportError, httpx.HTTPStatusError),
+                        max_tries=None, max_time=TASK_RETRY_S, should_giveup=give_up)
 
 
 class _Heartbeat(threading.Thread):
@@ -126,7 +146,7 @@ class SiteExecutor:
         from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
         t0 = time.perf_counter()
-        client = _client(self.address, RuntimeTokenHttpInterceptor(token))
+        client = _client(self.address, RuntimeTokenHttpInterceptor(token), _task_retry_invoker())
         beat = _Heartbeat(client)
         beat.start()
         context, kind, details = None, "?", "the task input could not be read"
@@ -140,7 +160,10 @@ class SiteExecutor:
             print(traceback.format_exc(), flush=True)
         finally:
             beat.done.set()
-            push_task_output(client, context, SubStatus.FAILED if details else SubStatus.COMPLETED, details)
+            try:
+                push_task_output(client, context, SubStatus.FAILED if details else SubStatus.COMPLETED, details)
+            except Exception as err:  # noqa: BLE001  the run ended meanwhile: nothing left to report to
+                details = details or f"task output not delivered ({type(err).__name__})"
             client.close()
         return Outcome(kind, not details, details, time.perf_counter() - t0)
 

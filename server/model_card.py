@@ -52,6 +52,24 @@ def _intro(meta: dict) -> str:
             f"**Data contract.** {meta['data_contract']['format']}\n")
 
 
+#: how a text model of fedcare is rebuilt with transformers + peft alone (tests/test_export.py runs it)
+PEFT_LOADER = ['import torch',
+               'from peft import PeftModel',
+               'from transformers import AutoModel',
+               '',
+               'class MeanPoolClassifier(torch.nn.Module):  # encoder, masked mean of its token states, linear head',
+               '    def __init__(self, encoder, num_labels):',
+               '        super().__init__()',
+               '        self.encoder = encoder',
+               '        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)',
+               '',
+               '    def forward(self, input_ids, attention_mask):',
+               '        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state',
+               '        m = attention_mask.unsqueeze(-1).to(h.dtype)',
+               '        return self.classifier((h * m).sum(1) / m.sum(1).clamp(min=1.0))  # logits',
+               '']
+
+
 def _use(meta: dict) -> str:
     base = meta["rebuild"]["base_model"]
     lines = ["## How to use", "",
@@ -61,10 +79,8 @@ def _use(meta: dict) -> str:
              "In Python, for any task: `fedcare.models.package.load_model(THIS_FOLDER).model`."]
     if "adapter_config.json" in meta.get("files", []):
         lines += ["", f"With peft alone (base model `{base}`, the trained head is in `modules_to_save`):", "",
-                  "```python", "from peft import PeftModel",
-                  "from transformers import AutoModelForSequenceClassification",
-                  f"base = AutoModelForSequenceClassification.from_pretrained(BASE_PATH, "
-                  f"num_labels={meta['task']['num_classes']})",
+                  "```python", *PEFT_LOADER,
+                  f"base = MeanPoolClassifier(AutoModel.from_pretrained(BASE_PATH), {meta['task']['num_classes']})",
                   "model = PeftModel.from_pretrained(base, THIS_FOLDER).eval()", "```"]
     else:
         lines += ["", "`fedcare_state.safetensors` is the model's whole state dict "

@@ -193,18 +193,29 @@ PEFT_ONLY = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel
+
+    class MeanPoolClassifier(torch.nn.Module):   # as the model card shows it
+        def __init__(self, encoder, num_labels):
+            super().__init__()
+            self.encoder = encoder
+            self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.classifier((h * m).sum(1) / m.sum(1).clamp(min=1.0))
 
     folder, base, inputs, out = sys.argv[1:]
     num_labels = json.load(open(f"{folder}/fedcare.json"))["task"]["num_classes"]
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=num_labels, local_files_only=True)
+    model = MeanPoolClassifier(AutoModel.from_pretrained(base, local_files_only=True), num_labels)
     model = PeftModel.from_pretrained(model, folder).eval()
     data = np.load(inputs)
     probs = []
     with torch.no_grad():
         for i in range(0, len(data["ids"]), 64):
             ids, mask = torch.as_tensor(data["ids"][i:i + 64]), torch.as_tensor(data["mask"][i:i + 64])
-            probs.append(torch.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1).numpy())
+            probs.append(torch.softmax(model(input_ids=ids, attention_mask=mask).float(), -1).numpy())
     np.save(out, np.concatenate(probs))
     print(sorted(sys.modules.keys() & {"fedcare"}))
 """)

@@ -68,7 +68,7 @@ def test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains(tmp_pat
 
 
 @pytest.mark.e2e
-def test_executor_runs_rounds_survives_a_crashing_handler_and_restarts(tmp_path):
+def test_executor_answers_refusals_and_restarts_cleanly(tmp_path):
     tls = init_server(tmp_path / "tls", ["localhost"], ["127.0.0.1"])
     flwr_home, port = tmp_path / "flwr-home", free_port()
     db = f"sqlite:///{tmp_path / 'store.db'}"
@@ -106,11 +106,12 @@ def test_executor_runs_rounds_survives_a_crashing_handler_and_restarts(tmp_path)
                                  capture_output=True, text=True, timeout=120)
             return {s["site"]: s for s in json.loads(rep.stdout)["rounds"][0]["sites"]}
 
+        # A coordinator asking for fault injection: every deployed site refuses (the site
+        # decides), the executors answer and keep claiming. (A handler that raises is
+        # test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains.)
         sites = run("--set", "faults.site=va", "--set", "faults.kind=crash")
-        assert sites["cleveland"]["accepted"]
-        va = [s for s in sites.values() if s["site"] != "cleveland"]
-        assert len(va) == 1 and not va[0]["accepted"] and "injected fault" in va[0]["reason"]
-        assert "failed train" in executors["va"].log() and executors["va"].alive()
+        assert all(not s["accepted"] and "runs only in simulation" in s["reason"] for s in sites.values()), sites
+        assert "handled train" in executors["va"].log() and executors["va"].alive()
 
         executors["va"].kill()                    # the executor dies; the SuperNode stays
         same_secret = dataclasses.replace(specs["va"], executor_secret=tmp_path / "logs" / "va.superexec.secret")
