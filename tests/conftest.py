@@ -101,3 +101,14 @@ def simulated_store_url(tmp_path_factory) -> str:
              "--set", "faults.site=switzerland", "--set", "faults.kind=nan",
              "--ledger-dir", str(folder / "ledgers"), workdir=folder)
     return url
+
+
+@pytest.fixture
+def identity():
+    """A Flower task identity for calling ClientApp handlers outside a SuperNode."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -58,16 +58,6 @@ def test_a_run_without_audit_reports_none(store):
 
 
 # ------------------------------------------------------- the site's ClientApp handlers
-@pytest.fixture
-def identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def test_a_deployed_site_that_opts_in_trains_with_canaries_and_sends_only_the_bound(tmp_path, identity):
     import json
     import shutil

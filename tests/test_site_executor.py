@@ -6,13 +6,11 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcare import schemas as S
 from fedcare.certs import create_site_keys, init_server
@@ -27,14 +25,6 @@ from fedcare.server.federation import initial_state
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDCARE = shutil.which("fedcare") or "fedcare"
-
-
-@pytest.fixture
-def identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _site_folder(root: Path, site: str, data_file: str) -> Path:

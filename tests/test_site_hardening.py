@@ -1,20 +1,13 @@
 """Site-side defects of the trust issue: each test here failed on the code before it."""
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedcare import schemas as S
@@ -41,23 +34,6 @@ def test_an_empty_training_split_is_a_data_error_not_an_endless_loop():
 
 
 # ------------------------------------------------------------------------------- worker
-@pytest.fixture
-def identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 11, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 # ------------------------------------------------------------------------------- packaging
 def test_fedcare_imports_without_tomllib_and_declares_its_toml_packages():
     """Python 3.10 has no tomllib: block it and import every module that parses TOML."""

@@ -4,7 +4,6 @@ made by tampering with a real reply on its way to the server; a hostile coordina
 a run config that asks for what the site's node config and policy do not allow.
 Each test: the bad part is refused or rejected with its reason, the others finish."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
