@@ -253,9 +253,22 @@ def test_lora_export_reloads_with_peft_alone(tmp_path, capsys):
         assert classification_metrics(probs, labels.numpy()) == stored
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
-    # the hospital's side: its folder in the task's format, evaluated through fedcare's loader
-    code, text, err = cli(capsys, "site", "evaluate", "--model", str(out), "--data", str(bundled_dir("medical-abstracts")),
-                          "--site", "site-1", "--json")
+    # the hospital's side: site-1's held-out abstracts as its own described folder (a CSV,
+    # every row marked test), evaluated through fedcare's loader: the store's numbers again
+    import pandas as pd
+
+    from fedcare.models.medical_abstracts import load_corpus, site_rows
+
+    folder, train_rows, test_rows = site_rows(task.site_ids(cfg), "site-1", cfg)
+    corpus = load_corpus(folder)
+    own = tmp_path / "site-1-own"
+    own.mkdir()
+    rows = [*train_rows, *test_rows]
+    pd.DataFrame({"text": [corpus.texts[i] for i in rows], "split": ["train"] * len(train_rows) + ["test"] * len(test_rows),
+                  "label": [corpus.class_names[corpus.labels[i]] for i in rows]}).to_csv(own / "notes.csv", index=False)
+    (own / "dataset.toml").write_text('dataset_id = "site-1/notes"\nfamily = "text"\nformat = "csv"\n'
+                                      'files = ["notes.csv"]\n[columns]\nsplit = "split"\n')
+    code, text, err = cli(capsys, "site", "evaluate", "--model", str(out), "--data", str(own), "--json")
     assert code == 0, err
     assert json.loads(text)["metrics"] == report["final"]["per_site"]["site-1"]
 
