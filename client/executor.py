@@ -90,10 +90,11 @@ TASK_RETRY_S = 60.0   # how long one task's calls retry a restarting SuperNode b
 
 
 def _task_retry_invoker():
-    """Retries for one task's calls that give up instead of ending the process. Flower's
-    simple HTTP invoker sends SIGINT to its own process on 401 (right for a one-task
-    flwr-clientapp, fatal for a long-lived executor): a task whose run has ended (the
-    coordinator restarted) must fail alone while the executor goes on claiming."""
+    """Retries for the executor's calls that give up instead of ending the process.
+    Flower's simple HTTP invoker sends SIGINT to its own process on 401 (right for a
+    one-task flwr-clientapp, fatal for a long-lived executor): a task whose run has ended
+    (the coordinator restarted) must fail alone while the executor goes on claiming, and
+    a claim refused for a wrong SuperExec secret must say so (``SiteExecutor.serve``)."""
     import httpx
     from flwr.common.constant import MAX_RETRY_DELAY
     from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
@@ -130,7 +131,7 @@ class SiteExecutor:
         self.address, self.poll = runtime_api, poll
         signer = SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=[ACQUIRE_RPC]) \
             if secret else _NoInterceptor()
-        self.claims = _client(runtime_api, signer)
+        self.claims = _client(runtime_api, signer, _task_retry_invoker())
         self.stopping = False
 
     def acquire(self):
@@ -177,12 +178,18 @@ class SiteExecutor:
             try:
                 claimed = self.acquire()
             except Exception as err:  # noqa: BLE001  SuperNode restarting: keep trying
+                if _refused(err):
+                    raise ExecutorAuthError(
+                        f"the SuperNode at {self.address} refused this executor's SuperExec authentication "
+                        f"(HTTP {err.response.status_code}): --secret-file must be the file the SuperNode was "
+                        "started with (--superexec-auth-secret-file)") from None
                 print(f"cannot reach the SuperNode's Runtime API ({type(err).__name__}); retrying", flush=True)
                 time.sleep(1.0)
                 continue
             if claimed is None:
                 time.sleep(self.poll)
                 continue
+            print(f"running task {claimed[1].task_id} of run {claimed[1].run_id}", flush=True)
             outcome = self.run_task(claimed[0])
             status = "handled" if outcome.ok else "failed"
             print(f"{status} {outcome.kind} task {claimed[1].task_id} of run {claimed[1].run_id} "
@@ -205,6 +212,16 @@ def warm_up(task: str, site_id: str, data_path: str, lora_rank: int | None = Non
     site = Site(site_id=site_id, cfg=cfg, task=get_task(task), node_config=node_config)
     site.split()
     site.model()
+
+
+class ExecutorAuthError(RuntimeError):
+    """The SuperNode refused the executor's claims (a wrong SuperExec secret)."""
+
+
+def _refused(err: Exception) -> bool:
+    import httpx
+
+    return isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403)
 
 
 class _NoInterceptor:
@@ -241,7 +258,12 @@ def main() -> None:
     if args.warm_task:
         warm = {"task": args.warm_task, "site_id": args.site_id, "data_path": args.data_path,
                 "lora_rank": args.lora_rank}
-    executor.serve(warm=warm)
+    try:
+        executor.serve(warm=warm)
+    except ExecutorAuthError as err:
+        print(f"error: {err}", flush=True)
+        raise SystemExit(2) from None
+    print("fedcare site executor stopped", flush=True)
 
 
 if __name__ == "__main__":

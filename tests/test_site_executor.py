@@ -5,7 +5,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,9 +115,50 @@ def test_executor_answers_refusals_and_restarts_cleanly(tmp_path):
         restarted = executors["va"].log().split("claiming tasks")   # the log is appended across restarts
         assert len(restarted) == 3 and restarted[-1].count("handled train") == 1
         assert executors["cleveland"].log().count("handled train") == 2
+
+        # An executor started with the wrong SuperExec secret is refused and says why (exit 2).
+        wrong = tmp_path / "wrong.secret"
+        wrong.write_bytes(os.urandom(32))
+        out = subprocess.run([sys.executable, "-m", "fedcare.client.executor", "--runtime-api",
+                              f"{specs['va'].host}:{specs['va'].port}", "--secret-file", str(wrong)],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "refused this executor's SuperExec authentication (HTTP 401)" in out.stdout
+
+        # SIGTERM in the middle of a task: the executor finishes that task, delivers the
+        # reply and stops (rc 0); restarted, it serves the rest of the run.
+        log = executors["cleveland"].log_path
+        before = log.read_text().count("running task")
+        third = subprocess.Popen([FEDCARE, "server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet",
+                                  "--set", "train.local_steps=400", "--set", "strategy.min_sites=2",
+                                  "--set", "strategy.round_timeout=120"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(third)
+        deadline = time.time() + 300
+        while log.read_text().count("running task") == before:
+            assert time.time() < deadline and third.poll() is None, "cleveland never started a task"
+            time.sleep(0.05)
+        os.kill(executors["cleveland"].pid, signal.SIGTERM)
+        assert executors["cleveland"].proc.wait(120) == 0
+        tail = log.read_text().split("running task")[-1]
+        assert "handled train" in tail and tail.rstrip().endswith("fedcare site executor stopped"), tail
+        secret = tmp_path / "logs" / "cleveland.superexec.secret"
+        executors["cleveland"] = start_executor(dataclasses.replace(specs["cleveland"], executor_secret=secret),
+                                                tmp_path / "logs", flwr_home)
+        started.append(executors["cleveland"])
+        stdout, _ = third.communicate(timeout=600)
+        assert third.returncode == 0, stdout
+        run_id = stdout.split()[1].rstrip(":")
+        rep = json.loads(subprocess.run([FEDCARE, "report", run_id, "--db", db, "--json"], env=env,
+                                        capture_output=True, text=True, timeout=120).stdout)
+        assert all(s["accepted"] for s in rep["rounds"][0]["sites"]), rep["rounds"][0]["sites"]
+        assert {e["scope"] for e in rep["rounds"][0]["evaluations"]} >= {"cleveland", "va"}
     finally:
         for proc in reversed(started):
-            proc.stop()
+            if isinstance(proc, subprocess.Popen):
+                proc.kill()
+            else:
+                proc.stop()
 
 
 def test_warm_up_loads_what_the_first_round_with_default_settings_uses(tmp_path, identity):
