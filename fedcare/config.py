@@ -72,6 +72,7 @@ class StrategyConfig:
     name: str = "fedavg"
     proximal_mu: float = 0.01      # fedprox
     eta: float = 0.01              # server learning rate: fedadam, fedyogi
+    tau: float = 1e-3              # fedadam, fedyogi: adaptivity (larger: closer to server momentum)
     q: float = 0.1                 # qfedavg
     trim_beta: float = 0.25        # trimmedavg: fraction trimmed at each end (>= 1/sites)
     krum_f: int = 1                # krum: number of malicious sites tolerated

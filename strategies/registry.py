@@ -48,8 +48,8 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 _BUILDERS: dict[str, Callable[[RunConfig], Strategy]] = {
     "fedavg": lambda cfg: FedAvg(**_common(cfg)),
     "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.strategy.proximal_mu),
-    "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr),
-    "fedyogi": lambda cfg: FedYogi(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr),
+    "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr, tau=cfg.strategy.tau),
+    "fedyogi": lambda cfg: FedYogi(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr, tau=cfg.strategy.tau),
     "qfedavg": lambda cfg: QFedAvg(client_learning_rate=cfg.train.lr, q=cfg.strategy.q,
                                    train_loss_key=TRAIN_LOSS, **_common(cfg)),
     "fedmedian": lambda cfg: FedMedian(**_common(cfg)),
@@ -71,6 +71,8 @@ def check_strategy_config(cfg: RunConfig, task: Task) -> None:
     n_sites = task.fixed_sites or cfg.sites
     if s.name in ("fedadam", "fedyogi") and s.eta <= 0:
         raise ConfigError(f"strategy.eta must be positive for {s.name}")
+    if s.name in ("fedadam", "fedyogi") and s.tau <= 0:
+        raise ConfigError(f"strategy.tau must be positive for {s.name}")
     if s.name == "fedprox" and s.proximal_mu < 0:
         raise ConfigError("strategy.proximal_mu must be >= 0")
     if s.name == "qfedavg" and s.q < 0:

@@ -171,6 +171,8 @@ def test_bad_combinations_are_config_errors():
         build_strategy(cfg_for("trimmedavg", sites=4, **{"strategy.trim_beta": 0.2}), heart)   # 4 fixed sites
     with pytest.raises(ConfigError, match="trim_beta"):
         build_strategy(cfg_for("trimmedavg", **{"strategy.trim_beta": 0.6}), LoraTaskContract())
+    with pytest.raises(ConfigError, match="strategy.tau must be positive"):
+        build_strategy(cfg_for("fedyogi", **{"strategy.tau": 0.0}), heart)
     with pytest.raises(ConfigError, match="exceeds lora.r"):
         build_strategy(cfg_for(**{"lora.site_ranks": "4,16", "lora.r": 8}), LoraTaskContract())
     with pytest.raises(ConfigError, match="ffa needs one rank"):
@@ -183,6 +185,12 @@ def test_bad_combinations_are_config_errors():
             s = build_strategy(cfg_for(name, **{"lora.aggregation": mode, "strategy.trim_beta": 0.2}),
                                LoraTaskContract())
             assert s.lora_mode == mode
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_learning_rate_and_adaptivity_reach_flowers_strategy(name):
+    s = build_strategy(cfg_for(name, **{"strategy.eta": 0.2, "strategy.tau": 0.05}), get_task("heart-disease"))
+    assert (s.base.eta, s.base.tau) == (0.2, 0.05)
 
 
 # ---------------------------------------------------------------- LoRA aggregation
