@@ -159,13 +159,23 @@ def prompt_width(tok, choices: tuple[str, ...]) -> int:
 
 
 def encode_prompts(folder: str, source: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and mask [len(rows), width]; each row tokenised once per process."""
-    corpus, tok = load_corpus(folder), tokenizer(source)
-    done = _PROMPTS.setdefault((folder, source, ABSTRACT_TOKENS), {})
+    """Left-padded prompt ids and mask [len(rows), width] of the corpus in ``folder``;
+    each row tokenised once per process."""
+    corpus = load_corpus(folder)
+    return encode_texts(corpus.texts, corpus.class_names, source, rows,
+                        _PROMPTS.setdefault((folder, source, ABSTRACT_TOKENS), {}))
+
+
+def encode_texts(texts, choices: tuple[str, ...], source: str, rows: np.ndarray,
+                 done: dict[int, list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask [len(rows), width] of ``texts[rows]`` asked with
+    ``choices``; ``done`` caches token ids by row."""
+    tok = tokenizer(source)
+    done = {} if done is None else done
     for i in rows.tolist():
         if i not in done:
-            done[i] = tok(prompt_text(tok, corpus.texts[i], corpus.class_names), add_special_tokens=False)["input_ids"]
-    width = prompt_width(tok, corpus.class_names)
+            done[i] = tok(prompt_text(tok, str(texts[i]), choices), add_special_tokens=False)["input_ids"]
+    width = prompt_width(tok, choices)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for k, i in enumerate(rows.tolist()):
@@ -203,6 +213,10 @@ class MedicalLlmTask(Task):
         self._extras: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        from .sitedata import has_description
+
+        if has_description(cfg.data.path):
+            return self._load_described(site_id, cfg)
         folder, train, test = site_rows(self.site_ids(cfg), site_id, cfg)
         source, corpus = model_source(cfg), load_corpus(folder)
         answers, amask = answer_tensor(tokenizer(source), corpus.class_names)
@@ -215,8 +229,43 @@ class MedicalLlmTask(Task):
 
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test))
 
+    def _load_described(self, site_id: str, cfg: RunConfig) -> SiteSplit:
+        """A site's own abstracts described by a ``dataset.toml`` in the text family's
+        formats (CSV, JSONL, Parquet; checked against the preset's labels), each asked as
+        this task's prompt; then the per-site caps."""
+        from .data import seeded_subset
+        from .families import _own_folder, prepare_text
+
+        contract = self._contract(cfg)
+        prepared = prepare_text(_own_folder(cfg, "text"), contract, site_id)
+        texts, lab, source = prepared.facts["texts"], prepared.labelled, model_source(cfg)
+        answers, amask = answer_tensor(tokenizer(source), contract.labels)
+        labels = torch.as_tensor(lab.y, dtype=torch.long)
+        train = seeded_subset(lab.train, cfg.data.max_train_per_site, cfg.seed)
+        test = seeded_subset(lab.test, cfg.data.max_test_per_site, cfg.seed + 1000)
+        cache: dict[int, list[int]] = {}
+
+        def tensors(idx: np.ndarray) -> TensorDataset:
+            ids, mask = encode_texts(texts, contract.labels, source, idx, cache)
+            y = labels[torch.as_tensor(idx, dtype=torch.long)]
+            return TensorDataset(ids, mask, answers[y], amask[y], y)
+
+        return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test),
+                         groups={a: g[test] for a, g in lab.groups.items()})
+
+    @staticmethod
+    def _contract(cfg: RunConfig):
+        from .medical_abstracts import preset_contract
+        from .sitedata import Contract
+
+        return Contract.from_config(cfg, preset_contract())
+
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
-        return self.build_lm(cfg, load_corpus(str(data_folder(cfg).resolve())).class_names)
+        from .sitedata import has_description
+
+        names = tuple(self._contract(cfg).labels) if has_description(cfg.data.path) \
+            else load_corpus(str(data_folder(cfg).resolve())).class_names
+        return self.build_lm(cfg, names)
 
     def build_lm(self, cfg: RunConfig, names: tuple[str, ...]) -> torch.nn.Module:
         """The base causal LM with LoRA attached; ``names``: the candidate answers predict scores."""

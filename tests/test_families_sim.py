@@ -96,3 +96,14 @@ def test_instruct_family_prompt_response_and_messages(tmp_path):
     assert accepted(rep) == {"hospital-a": True, "hospital-b": True}
     final = rep["final"]["per_site"]["hospital-a"]
     assert final["answer_perplexity"] > 1 and 0 <= final["exact_match"] <= 1
+
+
+def test_medical_llm_preset_on_sites_own_described_folders(tmp_path):
+    """medical-llm reads a hospital's abstracts described in a dataset.toml (CSV, JSONL,
+    Parquet) and asks each as its prompt; the answers are the preset's condition names."""
+    folders = abstracts_sites(tmp_path / "data", per_site=10)[:2]
+    rep = federate(tmp_path, "medical-llm", folders, **{"data.max_train_per_site": 4, "data.max_test_per_site": 2,
+                                                         "train.batch_size": 2, "train.eval_batch_size": 2})
+    assert rep["status"] == "completed"
+    assert accepted(rep) == {"hospital-a": True, "hospital-b": True}
+    assert set(rep["final"]["per_site"]) == {"hospital-a", "hospital-b"}   # evaluated on each own test split
