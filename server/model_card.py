@@ -97,8 +97,16 @@ def _training(meta: dict) -> str:
             for x in meta["sites"]]
     text = (f"## Training\n\nStrategy `{s['name']}`; {r['exported']} of {r['planned']} planned rounds "
             f"({r['committed']} committed)")
-    text += f"; LoRA mode `{lora['mode']}`, r={lora['r']}, alpha={lora['alpha']}, targets `{lora['target_modules']}`.\n\n" \
-        if lora else ".\n\n"
+    mode = meta["task"].get("train_mode", "lora")
+    if lora:
+        text += f"; LoRA mode `{lora['mode']}`, r={lora['r']}, alpha={lora['alpha']}, targets `{lora['target_modules']}`.\n\n"
+    elif mode == "head":
+        text += ("; training mode `head`: the pretrained encoder stayed frozen and only the classification head "
+                 "trained and left the sites (no LoRA adapter).\n\n")
+    elif mode == "full":
+        text += "; training mode `full`: every parameter trained.\n\n"
+    else:
+        text += ".\n\n"
     return text + _table(["site", "train examples", "test examples", "rounds accepted", "rounds not accepted"], rows)
 
 
