@@ -44,7 +44,12 @@ class Prepared:
 def load_own(cfg: RunConfig, family: str, site_id: str, preset: Contract | None = None) -> SiteSplit:
     """A site's own folder (``data.path`` with ``dataset.toml``) read as ``family`` under the
     run's contract (``preset``: a bundled dataset's contract, which the run may override)."""
-    return prepare(_own_folder(cfg, family), Contract.from_config(cfg, preset), site_id).split
+    return prepare_own(cfg, family, site_id, preset).split
+
+
+def prepare_own(cfg: RunConfig, family: str, site_id: str, preset: Contract | None = None) -> Prepared:
+    """``load_own`` with everything the family read (the contract, labelled rows, facts)."""
+    return prepare(_own_folder(cfg, family), Contract.from_config(cfg, preset), site_id)
 
 
 def _own_folder(cfg: RunConfig, family: str) -> Description:

@@ -234,11 +234,11 @@ class MedicalLlmTask(Task):
         formats (CSV, JSONL, Parquet; checked against the preset's labels), each asked as
         this task's prompt; then the per-site caps."""
         from .data import seeded_subset
-        from .families import _own_folder, prepare_text
+        from .families import prepare_own
+        from .medical_abstracts import preset_contract
 
-        contract = self._contract(cfg)
-        prepared = prepare_text(_own_folder(cfg, "text"), contract, site_id)
-        texts, lab, source = prepared.facts["texts"], prepared.labelled, model_source(cfg)
+        prepared = prepare_own(cfg, "text", site_id, preset_contract())
+        contract, texts, lab, source = prepared.contract, prepared.facts["texts"], prepared.labelled, model_source(cfg)
         answers, amask = answer_tensor(tokenizer(source), contract.labels)
         labels = torch.as_tensor(lab.y, dtype=torch.long)
         train = seeded_subset(lab.train, cfg.data.max_train_per_site, cfg.seed)
@@ -253,17 +253,11 @@ class MedicalLlmTask(Task):
         return SiteSplit(site_id=site_id, train=tensors(train), test=tensors(test),
                          groups={a: g[test] for a, g in lab.groups.items()})
 
-    @staticmethod
-    def _contract(cfg: RunConfig):
-        from .medical_abstracts import preset_contract
-        from .sitedata import Contract
-
-        return Contract.from_config(cfg, preset_contract())
-
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
-        from .sitedata import has_description
+        from .medical_abstracts import preset_contract
+        from .sitedata import Contract, has_description
 
-        names = tuple(self._contract(cfg).labels) if has_description(cfg.data.path) \
+        names = tuple(Contract.from_config(cfg, preset_contract()).labels) if has_description(cfg.data.path) \
             else load_corpus(str(data_folder(cfg).resolve())).class_names
         return self.build_lm(cfg, names)
 

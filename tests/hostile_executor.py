@@ -21,7 +21,7 @@ from fedcare.client import executor
 
 MODE = sys.argv.pop(1)
 _honest = executor.handle
-_sent: list[RecordDict] = []   # this site's earlier train replies, as it sent them
+_sent: list[RecordDict] = []   # round 1's honest train reply, replayed in round 2
 
 
 def _replace(content: RecordDict, key: str, record) -> RecordDict:

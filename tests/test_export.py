@@ -253,8 +253,9 @@ def test_lora_export_reloads_with_peft_alone(tmp_path, capsys):
         assert classification_metrics(probs, labels.numpy()) == stored
     card = (out / "README.md").read_text()
     assert "library_name: peft" in card and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
-    # the hospital's side: site-1's held-out abstracts as its own described folder (a CSV,
-    # every row marked test), evaluated through fedcare's loader: the store's numbers again
+    # the hospital's side: site-1's abstracts as its own described folder (a CSV whose split
+    # column marks the run's train and test rows), evaluated through fedcare's loader: the
+    # store's numbers again
     import pandas as pd
 
     from fedcare.models.medical_abstracts import load_corpus, site_rows
