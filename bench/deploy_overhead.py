@@ -24,6 +24,10 @@ the replies, ``waiting`` = the slowest site's latency (push to reply) minus thos
 exchange, aggregation, store). Median and p90 over rounds after the first; the first
 round (model and data loading at the sites) is reported on its own.
 
+Every mode runs with ``strategy.evaluate_with_train=true`` (each site evaluates the last
+round's model in the train message: one message per site per round) unless
+``--separate-evaluation`` asks for an evaluate message per site per round as well.
+
     python bench/deploy_overhead.py --rounds 4 --local-steps 100
     python bench/deploy_overhead.py --task medical-abstracts --sites 3 --modes simulation,executor
 """
@@ -223,6 +227,8 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=100)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra key=value run settings")
+    ap.add_argument("--separate-evaluation", action="store_true",
+                    help="evaluate messages of their own every round (default: evaluation rides on train)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -232,9 +238,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, interrupted)
     modes = [m for m in args.modes.split(",") if m]
     sets = ["--set", f"train.local_steps={args.local_steps}", "--set", f"strategy.min_sites={args.sites}",
+            "--set", f"strategy.evaluate_with_train={not args.separate_evaluation}",
             *[a for s in args.sets for a in ("--set", s)]]
     out = args.out or ROOT / "bench" / "results" / f"deploy_overhead_{args.task}.json"
     result = {"task": args.task, "sites": args.sites, "rounds": args.rounds, "local_steps": args.local_steps,
+              "evaluation": "separate" if args.separate_evaluation else "with-train",
               "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "modes": {}}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix=f"fedcare-overhead-{mode}-") as tmp:
@@ -253,7 +261,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2))   # written after every mode: a long run keeps what it has
     sim = next((result["modes"][m] for m in ("simulation", "in-process")
                 if m in result["modes"] and "error" not in result["modes"][m]), None)
-    print(f"{args.task}, {args.sites} sites, {args.rounds} rounds x {args.local_steps} local steps "
+    print(f"{args.task}, {args.sites} sites, {args.rounds} rounds x {args.local_steps} local steps, "
+          f"evaluation {result['evaluation']} "
           f"(load average {result['load_average_before'][0]:.1f} before, on {result['cpus']} CPUs; shared machine)")
     print(f"{'mode':<16} {'median s':>9} {'p90 s':>7} {'first s':>8} {'compute':>8} {'waiting':>8} "
           f"{'transfer':>9} {'rest':>6} {'vs reference':>14}")

@@ -33,12 +33,15 @@ def train(msg: Message, context: Context) -> Message:
     rnd = int(msg.content[S.CONFIG].get("server-round", 0))
     run_id = site.cfg.runtime.run_id
     policy = _policy(site)
+    evaluation = None
     try:
         split = site.split()
-        split = _with_canaries(site, context, split)
         _admit(site, policy, len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
+        if msg.content[S.CONFIG].get(S.EVALUATE_FIRST):   # the last round's model, before training on
+            evaluation = _evaluation(site, policy, model, split, msg, context, rnd - 1)
+        split = _with_canaries(site, context, split)
         received = _load_global(site, model, msg, context)
         from .ledger import SiteLedger
         from .training import train_on_site
@@ -51,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     except FedcareError as err:
         _audit(site, policy, rnd, "train", "", 0, None, "refused", str(err))
-        return _refusal(msg, site, str(err))
+        return _refusal(msg, site, str(err), evaluation)
 
     state = get_trainable_state(model)
     shared = _shared_part(site, state, context)
@@ -69,7 +72,10 @@ def train(msg: Message, context: Context) -> Message:
         info[S.LORA_RANK] = site.lora_rank
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
-    return Message(RecordDict({S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}), reply_to=msg)
+    records = {S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}
+    if evaluation is not None:
+        records[S.EVALUATION] = ConfigRecord(evaluation)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
@@ -83,32 +89,40 @@ def evaluate(msg: Message, context: Context) -> Message:
     except FedcareError as err:
         _audit(site, policy, rnd, "evaluate", "", 0, None, "refused", str(err))
         return _refusal(msg, site, str(err))
-    model = site.model()
+    fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
+    metrics = json.loads(fields.pop(S.METRICS_JSON))
+    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg), **fields}
+    return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
+
+
+def _evaluation(site: Site, policy, model, split, msg: Message, context: Context, rnd: int) -> dict[str, str]:
+    """The global model of ``msg`` evaluated on the site's test split: the JSON fields an
+    evaluation carries (metrics with the example count, per-group counts as the policy
+    allows, the personalised model's metrics, the privacy audit after the last round),
+    recorded in the site's audit log as sent for round ``rnd``. Leaves the global state
+    (without the personal part) loaded in ``model``."""
     from fedcare.models.fairness import site_counts
 
     _load_global(site, model, msg, context, personal=False)
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
     metrics = site.task.metrics(scores, labels)
-    info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)}
+    fields = {S.METRICS_JSON: json.dumps({S.NUM_EXAMPLES: len(labels), **metrics})}
     audit = _privacy_audit(site, context, split, model, rnd)
     if audit is not None:
-        info[S.AUDIT_JSON] = json.dumps(audit)
+        fields[S.AUDIT_JSON] = json.dumps(audit)
     fairness = None
     if policy is None or policy.send_group_counts:
         min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0))
         fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
-        info[S.FAIRNESS_JSON] = json.dumps(fairness)
+        fields[S.FAIRNESS_JSON] = json.dumps(fairness)
     if site.cfg.lora.personalize and _personal_state(context):
         _load_global(site, model, msg, context, personal=True)
         ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
-        info[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
+        fields[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
+        _load_global(site, model, msg, context, personal=False)
     payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
     _audit(site, policy, rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
-    content = RecordDict({
-        S.METRICS: MetricRecord({S.NUM_EXAMPLES: len(labels), **metrics}),
-        S.SITE: ConfigRecord(info),
-    })
-    return Message(content, reply_to=msg)
+    return fields
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -219,6 +233,10 @@ def _privacy_audit(site: Site, context: Context, split, model, rnd: int) -> dict
     return audit_final_round(site, context, split, model, rnd)
 
 
-def _refusal(msg: Message, site: Site, reason: str) -> Message:
+def _refusal(msg: Message, site: Site, reason: str, evaluation: dict | None = None) -> Message:
+    """A refusal; one of a train message may still carry the evaluation done before it."""
     info = ConfigRecord({S.SITE_ID: site.site_id, S.STATUS: "refused", S.REASON: reason, S.NONCE: _nonce(msg)})
-    return Message(RecordDict({S.SITE: info}), reply_to=msg)
+    records = {S.SITE: info}
+    if evaluation is not None:
+        records[S.EVALUATION] = ConfigRecord(evaluation)
+    return Message(RecordDict(records), reply_to=msg)

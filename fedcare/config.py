@@ -79,6 +79,9 @@ class StrategyConfig:
     min_sites: int = 2             # a round needs at least this many accepted updates
     round_timeout: float = 1800.0  # seconds to wait for replies in a round
     screen_norm_factor: float = 0.0  # reject updates with norm > factor x round median (0 = off)
+    evaluate_with_train: bool = False  # sites evaluate the incoming global model in the train
+                                       # message (one message per site per round, not two); the
+                                       # last round's model is still evaluated on its own
 
 
 @dataclass

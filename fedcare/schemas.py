@@ -15,6 +15,8 @@ ARRAYS = "arrays"        # ArrayRecord: trainable state (global down, update up)
 CONFIG = "config"        # ConfigRecord: server -> site instructions
 METRICS = "metrics"      # MetricRecord: site -> server numbers
 SITE = "site"            # ConfigRecord: site -> server: site id, status, reason, JSON blobs
+EVALUATION = "evaluation"  # ConfigRecord site -> server in a train reply: the incoming global
+                           # model's evaluation (strategy.evaluate_with_train), as JSON fields
 
 # --- keys inside METRICS (train and evaluate replies) ---------------------------
 NUM_EXAMPLES = "num-examples"   # Flower's default weighting key
@@ -32,6 +34,10 @@ LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
 LORA_RANK = "lora_rank"         # the LoRA rank the site trains at (heterogeneous ranks)
 NONCE = "nonce"                 # in CONFIG (server -> site) and echoed in SITE: one per round
 AUDIT_JSON = "audit_json"       # privacy-audit record as JSON (last round's evaluate reply)
+METRICS_JSON = "metrics_json"   # in EVALUATION: what an evaluate reply's METRICS holds, as JSON
+
+# --- keys inside CONFIG (server -> site) ------------------------------------------
+EVALUATE_FIRST = "evaluate-first"  # evaluate the incoming global model, then train
 
 # --- site-round statuses in the store ----------------------------------------------
 ACCEPTED = "accepted"    # update aggregated

@@ -95,10 +95,13 @@ class Federation:
         timeout = cfg.strategy.round_timeout
         shared = self._shared(state)
         nonce = secrets.token_hex(16)   # echoed by every site: a reply from an earlier round is stale
-        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), ConfigRecord({S.NONCE: nonce}),
-                                                  self.grid))
+        rides = cfg.strategy.evaluate_with_train and rnd > 1   # the sites evaluate round rnd-1's model
+        config = ConfigRecord({S.NONCE: nonce, **({S.EVALUATE_FIRST: True} if rides else {})})
+        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), config, self.grid))
         self._fit_ranks(msgs, shared)
         replies = self._send_and_collect(msgs, timeout)
+        if rides:
+            self._store_evaluations(rnd - 1, replies, nonce)
         sites, accepted_msgs = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
         for s in sites:   # seconds from the push to the reply's arrival, per site
             if s.node_id in self.latency:
@@ -119,7 +122,9 @@ class Federation:
             metrics["aggregated"] = 0.0
             self.store.add_event(self.run_id, "round_skipped",
                                  f"round {rnd}: {len(accepted_msgs)} accepted updates < strategy.min_sites={cfg.strategy.min_sites}; global model unchanged")
-        evaluations, fairness = self._evaluate(rnd, state)
+        evaluations, fairness = [], None
+        if not cfg.strategy.evaluate_with_train or rnd == cfg.rounds:   # else: in the next round's messages
+            evaluations, fairness = self._evaluate(rnd, state)
         record = S.RoundRecord(round=rnd, started_at=t0, ended_at=time.time(), metrics=metrics, sites=sites,
                                evaluations=evaluations, global_state=state, fairness=fairness)
         self.store.write_round(self.run_id, record)
@@ -234,17 +239,32 @@ class Federation:
         return sites, [msg_of[s] for s in accepted]
 
     def _evaluate(self, rnd: int, state: dict[str, np.ndarray]):
-        from fedcare.models.fairness import aggregate
-
+        """Round ``rnd``'s global model evaluated by the sites, in evaluate messages."""
         nonce = secrets.token_hex(16)
         msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
                                                      ConfigRecord({S.NONCE: nonce}), self.grid))
         replies = self._send_and_collect(msgs, self.cfg.strategy.round_timeout)
+        return self._summarise(rnd, self._parse(msgs, replies, "evaluate", nonce))
+
+    def _store_evaluations(self, rnd: int, replies: list[Message], nonce: str) -> None:
+        """Round ``rnd``'s global model as evaluated in the train replies of the next
+        round, added to the stored round ``rnd``."""
+        from .replies import parse_evaluation
+
+        updates = [u for u in (parse_evaluation(r, self.identities, nonce) for r in replies) if u is not None]
+        evaluations, fairness = self._summarise(rnd, updates)
+        if evaluations:
+            self.store.add_evaluations(self.run_id, rnd, evaluations, fairness)
+
+    def _summarise(self, rnd: int, updates: list[S.SiteUpdate]):
+        """Per-site and global evaluations, and the fairness counts summed over sites."""
+        from fedcare.models.fairness import aggregate
+
         evaluations: list[S.Evaluation] = []
         counts: dict[str, dict] = {}
         totals: dict[str, float] = {}
         n_total = 0
-        for u in self._parse(msgs, replies, "evaluate", nonce):
+        for u in updates:
             if not u.ok:   # refused, failed or rejected: recorded, never silently dropped
                 self.store.add_event(self.run_id, f"evaluate_{u.status}", f"round {rnd}: {u.site}: {u.reason}")
                 continue

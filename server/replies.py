@@ -103,22 +103,13 @@ def _decode(content, kind, identities, nonce, expected, allow_lower_rank, update
     metrics = content.metric_records.get(S.METRICS)
     if metrics is None:
         raise BadReply("no 'metrics' record")
-    update.metrics = _numbers(dict(metrics.items()), "metrics")
-    n = update.metrics.get(S.NUM_EXAMPLES, 0.0)
-    if n < 0 or n != int(n):
-        raise BadReply(f"num-examples {n} is not a count")
-    update.num_examples = int(n)
+    _decode_results(dict(metrics.items()), info, update)
     update.train_loss = update.metrics.get(S.TRAIN_LOSS)
     update.duration_s = update.metrics.get(S.DURATION_S)
     update.update_bytes = int(update.metrics.get(S.UPDATE_BYTES, 0))
     update.privacy = _json(info, S.PRIVACY_JSON)
     if update.privacy is not None and not isinstance(update.privacy.get("epsilon"), (int, float)):
         raise BadReply("privacy_json has no numeric epsilon")
-    update.fairness = _json(info, S.FAIRNESS_JSON)
-    local = _json(info, S.LOCAL_METRICS_JSON)
-    update.local_metrics = _numbers(local, "local_metrics_json") if local is not None else None
-    audit = _json(info, S.AUDIT_JSON)
-    update.audit = _numbers(audit, S.AUDIT_JSON) if audit is not None else None
     if S.LORA_RANK in info:
         rank = info[S.LORA_RANK]
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -131,6 +122,46 @@ def _decode(content, kind, identities, nonce, expected, allow_lower_rank, update
         check_declared_arrays(record, expected or {}, allow_lower_rank)
         update.arrays = dict(from_array_record(record))
     update.status = "ok"
+
+
+def parse_evaluation(reply, identities: Identities, nonce: str) -> S.SiteUpdate | None:
+    """The evaluation a train reply carries (``strategy.evaluate_with_train``), decoded
+    like an evaluate reply; None when the reply carries none (a refusal before it, an
+    error). Checked on its own: a bad evaluation does not reject the training update."""
+    if reply.has_error() or S.EVALUATION not in reply.content.config_records:
+        return None
+    node = int(reply.metadata.src_node_id)
+    update = S.SiteUpdate(node_id=node, site=identities.name(node) or f"node-{node}", status=S.REJECTED)
+    try:
+        info = reply.content.config_records.get(S.SITE)
+        if info is None or not isinstance(info.get(S.SITE_ID), str):
+            raise BadReply("the reply has no 'site' record with a site_id")
+        update.site = identities.resolve(node, info[S.SITE_ID])
+        if info.get(S.NONCE) != nonce:
+            raise BadReply("it does not carry this round's nonce (a replayed or stale reply)")
+        evaluation = reply.content.config_records[S.EVALUATION]
+        metrics = _json(evaluation, S.METRICS_JSON)
+        if metrics is None:
+            raise BadReply(f"the evaluation has no {S.METRICS_JSON}")
+        _decode_results(metrics, evaluation, update)
+        update.status = "ok"
+    except BadReply as err:
+        update.reason = f"evaluation: {err}"
+    return update
+
+
+def _decode_results(metrics: Mapping[str, Any], info, update: S.SiteUpdate) -> None:
+    """Metrics (with the example count) and the evaluation's JSON fields, into ``update``."""
+    update.metrics = _numbers(metrics, "metrics")
+    n = update.metrics.get(S.NUM_EXAMPLES, 0.0)
+    if n < 0 or n != int(n):
+        raise BadReply(f"num-examples {n} is not a count")
+    update.num_examples = int(n)
+    update.fairness = _json(info, S.FAIRNESS_JSON)
+    local = _json(info, S.LOCAL_METRICS_JSON)
+    update.local_metrics = _numbers(local, "local_metrics_json") if local is not None else None
+    audit = _json(info, S.AUDIT_JSON)
+    update.audit = _numbers(audit, S.AUDIT_JSON) if audit is not None else None
 
 
 def check_declared_arrays(record, expected: Mapping[str, tuple[tuple[int, ...], str]],

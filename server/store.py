@@ -358,6 +358,23 @@ class Store:
                                   data=encode_state(state)))
             self._commit(s, f"write round {record.round} of run '{run_id}'")
 
+    def add_evaluations(self, run_id: str, round: int, evaluations: list, fairness: dict | None) -> None:
+        """Evaluations (and fairness counts) of a stored round's global model that arrive
+        after the round (``strategy.evaluate_with_train``), in one transaction; they
+        replace any stored for that round (the same model evaluated again after a resume)."""
+        with self._session() as s:
+            self._run(s, run_id)
+            row = s.scalar(sa.select(Round).where(Round.run_id == run_id, Round.round == round))
+            if row is None:
+                raise StoreError(f"round {round} of run '{run_id}' is not stored")
+            s.execute(sa.delete(EvaluationRow).where(EvaluationRow.run_id == run_id, EvaluationRow.round == round))
+            if fairness:
+                row.fairness = clean_json(fairness)
+            for ev in evaluations:
+                s.add(EvaluationRow(run_id=run_id, round=round, scope=str(ev.scope), kind=ev.kind,
+                                    num_examples=int(ev.num_examples or 0), metrics=clean_json(ev.metrics or {})))
+            self._commit(s, f"add evaluations of round {round} of run '{run_id}'")
+
     def last_round(self, run_id: str) -> int:
         with self._session() as s:
             return int(s.scalar(sa.select(sa.func.max(Round.round)).where(Round.run_id == run_id)) or 0)

@@ -143,6 +143,35 @@ def test_a_hostile_site_is_rejected_with_its_reason_and_the_others_finish(tmp_pa
     assert all(rd["metrics"]["aggregated"] == 1.0 for rd in rounds)
 
 
+def test_a_bad_evaluation_riding_on_a_train_reply_is_rejected_alone(tmp_path):
+    """With ``strategy.evaluate_with_train`` a train reply carries the evaluation of the
+    last round's model. In round 2 hungary's evaluation has malformed metrics and va's a
+    replayed nonce: each evaluation is rejected with its reason, their training updates
+    are still aggregated, and round 1's model is evaluated by the other sites."""
+    def tamper(rnd, kind, node, reply, history):
+        site = HEART[node - 1000]
+        if kind == "train" and rnd == 2 and site == "hungary":
+            evaluation = dict(reply.content[S.EVALUATION].items())
+            evaluation[S.METRICS_JSON] = json.dumps({"accuracy": "high"})
+            return _with_record(reply, S.EVALUATION, ConfigRecord(evaluation))
+        if kind == "train" and rnd == 2 and site == "va":
+            return _with_site_info(reply, **{S.NONCE: "0" * 32})
+        return reply
+
+    run, rows, events, evals, rounds = _run(tmp_path, lambda cfg: TamperingGrid(cfg, 4, tamper), rounds=3,
+                                            sets=["strategy.min_sites=1", "strategy.evaluate_with_train=true"])
+    assert run["status"] == "completed"
+    r = _by_round(rows)
+    assert r[2]["hungary"]["status"] == S.ACCEPTED
+    assert r[2]["va"]["status"] == S.REJECTED and "nonce" in r[2]["va"]["reason"]   # the whole reply
+    bad = {e["message"] for e in events if e["kind"] == "evaluate_rejected"}
+    assert any("round 1: hungary: evaluation: metrics: 'accuracy' is not a number" in m for m in bad), bad
+    assert any("round 1: va: evaluation:" in m and "nonce" in m for m in bad), bad
+    round1 = {e["scope"] for e in evals if e["round"] == 1 and e["kind"] == "federated"}
+    assert round1 == {"global", "cleveland", "switzerland"}
+    assert {e["round"] for e in evals} == {1, 2, 3}
+
+
 def test_a_registered_node_cannot_answer_as_another_site(tmp_path):
     """With the coordinator's registry (node id -> site id), the name a reply gives
     itself does not count: a node registered as 'hungary' that says 'cleveland' is
