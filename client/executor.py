@@ -39,7 +39,8 @@ FLWR_INTERNALS = {
     "flwr.supercore.interceptors": ["RuntimeTokenHttpInterceptor", "RuntimeVersionHttpInterceptor",
                                     "SuperExecAuthHttpInterceptor"],
     "flwr.supercore.retry": ["make_simple_http_retry_invoker"],
-    "flwr.supernode.runtime.run_clientapp": ["pull_task_input", "push_message", "push_task_output"],
+    "flwr.supernode.runtime.run_clientapp": ["pull_task_input", "push_message", "push_task_output",
+                                             "pull_and_inflate_object_from_tree"],
     "flwr.proto.runtime_pb2": ["AcquireTaskRequest", "SendTaskHeartbeatRequest"],
     "flwr.common.constant": ["ErrorCode", "SubStatus"],
 }
@@ -87,6 +88,12 @@ def _client(address: str, interceptor, retry_invoker=None):
 
 
 TASK_RETRY_S = 60.0   # how long one task's calls retry a restarting SuperNode before the task is dropped
+# How long a task waits for its message's content (the SuperNode creates the task, then
+# fetches the content from the SuperLink). flwr's default is 2 hours of retries; a task
+# whose run ended (the coordinator restarted) never gets it, and would keep the executor
+# from the new run's tasks all that time. Raise it (FEDCARE_TASK_INPUT_MAX_S) where a
+# model takes longer than this to cross the site's link.
+TASK_INPUT_MAX_S = float(os.environ.get("FEDCARE_TASK_INPUT_MAX_S", 60.0))
 
 
 def _task_retry_invoker():
@@ -169,6 +176,7 @@ class SiteExecutor:
         return Outcome(kind, not details, details, time.perf_counter() - t0)
 
     def serve(self, preload: bool = True, warm: dict | None = None) -> None:
+        bound_task_input_wait()
         if preload:
             from . import app  # noqa: F401  torch, flwr, fedcare: paid once, before the first task
         if warm:
@@ -195,6 +203,19 @@ class SiteExecutor:
             print(f"{status} {outcome.kind} task {claimed[1].task_id} of run {claimed[1].run_id} "
                   f"in {outcome.seconds:.2f} s{'' if outcome.ok else ': ' + outcome.details}", flush=True)
         self.claims.close()
+
+
+def bound_task_input_wait(max_s: float = TASK_INPUT_MAX_S) -> None:
+    """Make ``pull_task_input`` (flwr's, used as it is) give up on a message whose
+    objects do not arrive within ``max_s`` seconds: the task then fails alone and the
+    executor claims the next one."""
+    import functools
+
+    from flwr.supernode.runtime import run_clientapp
+
+    pull = run_clientapp.pull_and_inflate_object_from_tree
+    pull = getattr(pull, "func", pull)   # once, however often this is called
+    run_clientapp.pull_and_inflate_object_from_tree = functools.partial(pull, max_time=max_s)
 
 
 def warm_up(task: str, site_id: str, data_path: str, lora_rank: int | None = None) -> None:

@@ -94,6 +94,7 @@ class Managed:
     proc: subprocess.Popen
     log_path: Path
     info: dict = field(default_factory=dict)
+    log_offset: int = 0   # where this process's output starts in the (appended) log
 
     @property
     def pid(self) -> int:
@@ -103,8 +104,11 @@ class Managed:
         return self.proc.poll() is None
 
     def log(self) -> str:
+        """What this process wrote to its log (not an earlier process's lines)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
         except OSError:
             return ""
 
@@ -149,9 +153,10 @@ def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str]) -> Ma
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        offset = log.tell()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    return Managed(name, proc, log_path)
+    return Managed(name, proc, log_path, log_offset=offset)
 
 
 def _exe(name: str) -> str:
@@ -440,6 +445,32 @@ def start_supernode(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Pa
     return proc
 
 
+# flwr 1.41 keeps a node online HEARTBEAT_PATIENCE (2) x its 30 s heartbeat interval after
+# its last heartbeat, and refuses to activate it again until then: a site restarted right
+# after its process was killed is refused for up to a minute.
+ACTIVATION_PATIENCE_S = 75
+
+
+def join(node: Managed, timeout: float, echo=print) -> tuple[int, Managed]:
+    """Wait until ``node`` joins; while the SuperLink refuses to activate it, start it
+    again every 5 s (up to ``ACTIVATION_PATIENCE_S``): an earlier process of this site
+    that was killed still counts as online until its heartbeat expires.
+    Returns (node id, the SuperNode process that joined)."""
+    deadline = time.time() + max(timeout, ACTIVATION_PATIENCE_S)
+    respawn = node.info.get("respawn")
+    while True:
+        try:
+            return wait_joined(node, timeout), node
+        except DeploymentError:
+            if respawn is None or "Failed to activate SuperNode" not in node.log() or time.time() > deadline:
+                raise
+        echo("the coordinator still counts an earlier process of this site as online (it stopped without "
+             "leaving) or does not know this key yet; trying again in 5 s")
+        node.stop()
+        time.sleep(5)
+        node = respawn()
+
+
 def wait_joined(proc: Managed, timeout: float = 60.0) -> int:
     """Wait until the SuperNode reports its node id; explain a refusal in one line."""
     deadline = time.time() + timeout
@@ -461,7 +492,9 @@ def explain_supernode_exit(proc: Managed) -> str:
     if "CERTIFICATE_VERIFY_FAILED" in log:
         why = "the SuperLink's TLS certificate is not signed by the given root certificate"
     elif "Failed to activate SuperNode" in log:
-        why = "the SuperLink refused this node key: its public key is not registered with the coordinator"
+        why = ("the SuperLink refused to activate this node: its public key is not registered with the "
+               "coordinator, or an earlier process with this key still counts as online (for up to "
+               f"{ACTIVATION_PATIENCE_S} s after it stopped without leaving)")
     elif "Unable to parse the private key" in log:
         why = "the node key is not an OpenSSH EC private key"
     else:
@@ -551,7 +584,11 @@ def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *
     if executor:
         secret = write_secret(Path(workdir) / f"{spec.site_id}.superexec.secret")
         spec = dataclasses.replace(spec, executor_secret=secret)
-    node = start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, **supernode_args)
+    def respawn() -> Managed:
+        return start_supernode(spec, superlink, root_cert, workdir, flwr_home=flwr_home, **supernode_args)
+
+    node = respawn()
+    node.info["respawn"] = respawn
     if not executor:
         return node, None
     try:
@@ -578,7 +615,7 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
         try:
             if helper is not None:
                 echo(f"site executor ready (model and data stay loaded between rounds); log {helper.log_path}")
-            node_id = wait_joined(node, join_timeout)
+            node_id, node = join(node, join_timeout, echo)
             echo(f"site {spec.site_id} joined the federation at {superlink} as node {node_id}; "
                  f"log {node.log_path}")
             echo("ready; Ctrl-C stops the SuperNode")

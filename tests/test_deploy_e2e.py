@@ -135,10 +135,11 @@ def test_unregistered_key_is_refused(fed):
     out = fed.fedcare("site", "start", "--site-id", "intruder", "--data", str(folder / "data"),
                       "--superlink", fed.address, "--root-cert", str(fed.tls.ca_cert),
                       "--node-key", str(keys.private_key), "--ledger", str(folder / "ledger.db"),
-                      "--port", str(free_port()), "--workdir", str(folder / "work"), timeout=180)
+                      "--port", str(free_port()), "--workdir", str(folder / "work"), timeout=400)
     assert out.returncode == 2, out.stdout + out.stderr
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "not registered" in err[0], out.stderr
+    assert "trying again in 5 s" in out.stdout   # a key the coordinator may still register
 
 
 def test_wrong_ca_cannot_connect(fed):

@@ -71,3 +71,27 @@ def test_supernode_idle_sleeps_are_where_fedcare_shortens_them():
     t0 = time.perf_counter()
     ShortSleeps(0.05).sleep(3)
     assert time.perf_counter() - t0 < 1.0 and ShortSleeps(0.05).monotonic() > 0
+
+
+def test_a_task_whose_message_never_arrives_gives_up_within_the_bound(monkeypatch):
+    """flwr retries a missing message object for 2 hours; the executor bounds it, so a
+    task of a run that ended cannot keep it from the next run's tasks."""
+    import time
+
+    from flwr.proto.message_pb2 import ObjectTree
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree",
+                        run_clientapp.pull_and_inflate_object_from_tree)   # restored after the test
+    assert "max_time" in inspect.signature(run_clientapp.pull_and_inflate_object_from_tree).parameters
+    executor.bound_task_input_wait(1.0)
+    executor.bound_task_input_wait(1.0)   # idempotent
+
+    def never(object_id):
+        raise ObjectUnavailableError(object_id)
+
+    t0 = time.perf_counter()
+    with pytest.raises(ObjectPullError):
+        run_clientapp.pull_and_inflate_object_from_tree(ObjectTree(object_id="ab" * 32), never, lambda _: None)
+    assert time.perf_counter() - t0 < 30
