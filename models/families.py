@@ -2,7 +2,7 @@
 
 ``tabular`` (CSV/Parquet: features + label, logistic regression), ``text`` (CSV/JSONL/
 Parquet: text + label, MiniLM + LoRA as ``medical-abstracts``), ``image`` (PNG/JPEG class
-folders or DICOM + a table, EfficientNet-Lite0 + LoRA as ``breastmnist``) and
+folders or DICOM + a table, EfficientNet-Lite0 + LoRA or a head alone as ``breastmnist``) and
 ``instruct`` (JSONL prompt/response or chat messages, SmolLM2 + LoRA as ``medical-llm``).
 The text, image and instruct families reuse their preset's model, loss and prediction:
 only the data and the label count (the run's data contract) differ. Every family needs
@@ -227,7 +227,9 @@ def prepare_image(desc: Description, contract: Contract, site_id: str = "", head
 
 
 class ImageTask(BreastMnistTask):
-    """Image classification: breastmnist's model with the contract's label count."""
+    """Image classification: breastmnist's model with the contract's label count, built
+    by breastmnist's ``build_model``, so ``train.mode`` works the same (``head``: the frozen
+    backbone's features cached per image, only the linear head trains and leaves the site)."""
 
     name = "image"
     defaults = {k: v for k, v in BreastMnistTask.defaults.items() if k != "sites"}

@@ -58,13 +58,7 @@ def test_head_mode_under_dp_sgd_moves_the_head_and_charges_the_ledger(tmp_path):
                     "dp.delta": 1e-3})
     model = TASK.build_model(cfg)
     split = TASK.load_site("site-1", cfg)
-    ledger = SiteLedger(tmp_path / "l.sqlite")
-    for rnd in (1, 2):
-        before = get_trainable_state(model)
-        out = train_on_site(TASK, model, split, cfg, CPU, run_id="r", server_round=rnd, ledger=ledger,
-                            budget=0.0, dataset_id="site-1")
-        after = get_trainable_state(model)
-        assert all(not np.array_equal(before[k], after[k]) for k in before)
+    out = _dp_rounds_move_every_trained_key(TASK, model, split, cfg, tmp_path, "site-1")
     assert out.privacy["steps"] == 6 and np.isfinite(out.privacy["epsilon"]) and out.privacy["epsilon"] > 0
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
@@ -104,3 +98,65 @@ def test_evaluate_global_before_and_after_training():
     after, _ = evaluate_global(TASK, cfg, state)
     labels = np.concatenate([TASK.load_site(s, cfg).test.tensors[2].numpy() for s in TASK.site_ids(cfg)])
     assert after["accuracy"] == pytest.approx(float((labels == 2).mean()))
+
+
+# ------------------------------------------------------------------------ breastmnist
+def breast_cfg(**sets) -> RunConfig:
+    from fedcare.models.registry import get_task
+
+    flat = {**get_task("breastmnist").defaults, "task": "breastmnist", "data.max_train_per_site": 8,
+            "data.max_test_per_site": 4, "train.batch_size": 4, "train.mode": "head"}
+    return RunConfig.from_flat({**flat, **sets}).validate()
+
+
+def test_breastmnist_head_mode_trains_only_the_head_on_cached_features_and_under_dp(tmp_path):
+    """Head mode on the image preset (and the image family, which builds the same model):
+    only ``_fc`` trains and leaves the site; each image's frozen features are computed
+    once; a DP-SGD round moves the head and leaves the backbone and no Opacus state."""
+    from fedcare.models import breastmnist as bm
+    from fedcare.models.families import ImageTask
+    from fedcare.models.registry import get_task
+
+    task = get_task("breastmnist")
+    cfg = breast_cfg(**{"rounds": 2, "train.local_steps": 2, "dp.noise_multiplier": 1.0, "dp.delta": 1e-3})
+    model = task.build_model(cfg)
+    head = ["backbone._fc.bias", "backbone._fc.weight"]
+    assert sorted(get_trainable_state(model)) == head and model.image_size == bm.HEAD_IMAGE_SIZE
+    family = ImageTask().build_model(breast_cfg(**{"data.labels": "a,b,c"}))
+    assert sorted(get_trainable_state(family)) == head and family.backbone._fc.out_features == 3
+
+    split = task.load_site("site-0", cfg)
+    x = split.train.tensors[0]
+    calls = []
+    hook = model.backbone._conv_stem.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    first = model.features(x)
+    again = task.build_model(cfg)   # the cache answers any model object of the same run shape
+    again.backbone._conv_stem.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    assert torch.equal(again.features(x), first) and sum(calls) <= len(x)
+    full = task.build_model(breast_cfg(**{"train.mode": "full"}))
+    full.image_size = bm.HEAD_IMAGE_SIZE
+    with torch.no_grad():   # the cached features are the backbone's, and the logits the same function
+        assert torch.allclose(full.features(x), first, atol=1e-4)
+        assert torch.allclose(full.eval()(x), model.eval()(x), atol=1e-4)
+    hook.remove()
+
+    backbone = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "_fc" not in n}
+    out = _dp_rounds_move_every_trained_key(task, model, split, cfg, tmp_path, "site-0")
+    assert sorted(get_trainable_state(model)) == head
+    assert out.privacy["steps"] == 4 and np.isfinite(out.privacy["epsilon"]) and out.privacy["epsilon"] > 0
+    assert all(torch.equal(p, backbone[n]) for n, p in model.backbone.named_parameters() if "_fc" not in n)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    assert sum(calls) <= len(x)   # DP-SGD trained on the cached features: no backbone pass
+
+
+def _dp_rounds_move_every_trained_key(task, model, split, cfg, tmp_path, site: str):
+    """Two rounds of site training with the ledger; every trainable tensor moves in each.
+    Returns the last round's outcome."""
+    ledger = SiteLedger(tmp_path / "l.sqlite")
+    for rnd in (1, 2):
+        before = get_trainable_state(model)
+        out = train_on_site(task, model, split, cfg, CPU, run_id="r", server_round=rnd, ledger=ledger,
+                            budget=0.0, dataset_id=site)
+        after = get_trainable_state(model)
+        assert all(not np.array_equal(before[k], after[k]) for k in before)
+    return out
