@@ -58,6 +58,11 @@ def _runs_table(url: str) -> pd.DataFrame:
     return q.list_runs(_engine(url))
 
 
+@st.cache_data(show_spinner=False, ttl=1.0, max_entries=8)
+def _store_version(url: str) -> tuple:
+    return q.store_version(_engine(url))
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def _cached(url: str, name: str, stamp: tuple, args: tuple, kwargs: tuple):
     return getattr(q, name)(_engine(url), *args, **dict(kwargs))
@@ -65,8 +70,11 @@ def _cached(url: str, name: str, stamp: tuple, args: tuple, kwargs: tuple):
 
 class CachedQueries:
     """``fedcare.server.queries`` with results cached until the store changes: the
-    stamp is every run's (status, rounds stored, end time), plus the refresh period
-    while a run is live. ``data.site_totals(run_id)`` = ``q.site_totals(engine, run_id)``."""
+    stamp is every run's (status, rounds stored, end time) and the store's version
+    (``q.store_version``: the newest row of each table), so a live run's next round,
+    evaluation or event is read at the next refresh, and an unchanged store is never
+    queried again, whoever loads the page. ``data.site_totals(run_id)`` =
+    ``q.site_totals(engine, run_id)``."""
 
     def __init__(self, url: str, stamp: tuple):
         self._url, self.stamp = url, stamp
@@ -83,14 +91,10 @@ def forget_cached() -> None:
 
 
 def data(engine) -> CachedQueries:
-    import time
-
     runs = runs_table(engine)
     stamp = tuple(runs[["run_id", "status", "rounds_done", "ended_at", "last_round_at"]]
                   .astype(str).itertuples(index=False, name=None))
-    if runs["status"].isin(LIVE_STATUSES).any():
-        stamp += (int(time.time() // REFRESH_S),)
-    return CachedQueries(db_url(), stamp)
+    return CachedQueries(db_url(), stamp + _store_version(db_url()))
 
 
 def sidebar_selection(engine) -> None:
@@ -147,6 +151,19 @@ def live(body: Callable[[], None], run: dict, engine) -> None:
         body()
 
     st.fragment(refreshing, run_every=REFRESH_S)()
+
+
+def lazy_tabs(labels: list[str], key: str) -> list:
+    """Tabs of which only the open one is filled: ``if tab.open: with tab: ...``. A
+    chart costs the browser 0.1-0.5 s to draw on a page load, so a page's detail
+    charts wait behind a tab until asked for (a click reruns the page from the cache)."""
+    return st.tabs(labels, key=key, on_change="rerun")
+
+
+def lazy_expander(label: str, key: str):
+    """An expander filled only while open (``if box.open: with box: ...``): the browser
+    draws an expander's content even while it is closed (st.json's viewer: about 0.3 s)."""
+    return st.expander(label, key=key, on_change="rerun")
 
 
 def plot(fig, key: str | None = None) -> None:

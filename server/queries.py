@@ -19,7 +19,7 @@ from sqlalchemy import exc
 from fedcare.errors import StoreError
 from fedcare.schemas import ACCEPTED, AUDIT, FAILED, REFUSED, REJECTED
 
-from .store import EvaluationRow, EventRow, Round, Run, SiteRoundRow
+from .store import EvaluationRow, EventRow, GlobalState, Round, Run, SiteRoundRow
 
 GLOBAL = "global"
 FEDERATED, LOCAL = "federated", "local"
@@ -98,6 +98,19 @@ def list_runs(engine: sa.Engine) -> pd.DataFrame:
             .outerjoin(done, done.c.run_id == Run.run_id).outerjoin(seen, seen.c.run_id == Run.run_id)
             .order_by(Run.created_at.desc(), Run.run_id.desc()))
     return _frame(engine, stmt)
+
+
+def store_version(engine: sa.Engine) -> tuple:
+    """The largest row id of each table a page reads beside ``runs``: every round,
+    site row, evaluation, event and global state the store adds changes it (a primary
+    key lookup per table, not a scan). With ``list_runs`` it tells a reader whether
+    anything it cached is stale. One blind spot: SQLite reuses the largest ids when a
+    round's evaluations are replaced by as many new ones (a re-evaluation after a
+    resume); the next row written anywhere changes the version again."""
+    tables = (Round.id, SiteRoundRow.id, EvaluationRow.id, EventRow.id, GlobalState.id)
+    stmt = sa.select(*[sa.select(sa.func.max(col)).scalar_subquery() for col in tables])
+    with engine.connect() as conn:
+        return tuple(conn.execute(stmt).one())
 
 
 def run_info(engine: sa.Engine, run_id: str) -> dict | None:
@@ -416,8 +429,6 @@ def exported_rounds(engine: sa.Engine, run_id: str) -> list[int]:
 
 def state_rounds(engine: sa.Engine, run_id: str) -> list[int]:
     """Rounds with a stored global state (what can be exported), sorted."""
-    from .store import GlobalState
-
     stmt = sa.select(GlobalState.round).where(GlobalState.run_id == run_id).order_by(GlobalState.round)
     with engine.connect() as conn:
         return [int(r) for r in conn.execute(stmt).scalars()]

@@ -202,6 +202,106 @@ def test_run_without_evaluation_gets_a_plain_message(demo_db, runs, page, monkey
         assert "checksum" in text_of(at) or os.environ.get("FEDCARE_TEST_DB")
 
 
+def chart_titles(at: AppTest) -> list[str]:
+    import json
+
+    return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in charts(at)]
+
+
+@pytest.mark.parametrize("page, key, tabs", [
+    ("convergence", "conv_tab", {"Each site's test split": "each site's test split",
+                                 "Training loss": "Training loss of accepted updates"}),
+    ("sites", "sites_tab", {"Outcomes per round": "Sites per round by outcome",
+                            "Accepted per site and round": "Accepted updates per site and round",
+                            "Per site and round": "num_examples per site and round"}),
+    ("privacy", "privacy_tab", {"Per site against its budget": "Epsilon spent per site against its budget",
+                                "Over rounds": "Lifetime epsilon after each round"}),
+    ("fairness", "fair_tab", {"Groups over rounds": "accuracy per age_band group",
+                              "Differences over rounds": "age_band: differences over rounds"}),
+])
+def test_detail_charts_wait_behind_tabs(demo_db, runs, monkeypatch, page, key, tabs):
+    """A page draws its first tab's chart; each other tab's chart is drawn (and only
+    then) when that tab is picked."""
+    run_id = run_of(runs, dp="eps=1$", task="heart-disease")
+    at = open_page(demo_db, page, run_id, monkeypatch)
+    for i, (label, title) in enumerate(tabs.items()):
+        if i:
+            at.session_state[key] = label
+            at.run()
+            assert not at.exception, [e.value for e in at.exception]
+        shown = chart_titles(at)
+        assert any(title in t for t in shown), (label, shown)
+        others = [t for other in tabs.values() if other != title for t in shown if other in t]
+        assert not others, (label, others)
+
+
+def test_run_configuration_is_drawn_when_its_expander_opens(demo_db, runs, monkeypatch):
+    import json
+
+    run_id = runs.loc[runs["rounds_done"].idxmax(), "run_id"]
+    at = open_page(demo_db, "runs", run_id, monkeypatch)
+    assert not at.json and charts(at)
+    at.session_state["runs_config"] = True
+    at.run()
+    assert not at.exception and json.loads(at.json[0].value)["task"] == runs.set_index("run_id").loc[run_id, "task"]
+
+
+def test_many_sites_are_one_grey_trace_with_the_worst_in_colour():
+    from fedcare.dashboard import figures
+
+    df = pd.DataFrame([{"site": f"s{i:02d}", "round": r, "value": i / 100 + r / 1000}
+                       for i in range(30) for r in range(1, 11)])
+    grey, *shown = figures.site_lines(df, x="round", y="value", worst="min").data
+    assert [t.name for t in shown] == ["s00", "s01", "s02", "s03", "s04"]
+    # every site's whole curve is in the grey trace, one gap between two sites, hover names the site
+    assert set(grey.text) - {""} == set(df["site"])
+    y = np.asarray(grey.y, dtype=float)
+    assert np.isnan(y).sum() == 30 and np.nansum(y) == pytest.approx(df["value"].sum())
+    highest = figures.site_lines(df, x="round", y="value", worst="max").data[1:]
+    assert [t.name for t in highest] == ["s29", "s28", "s27", "s26", "s25"]
+    few = df[df["site"] < f"s{figures.MAX_SITE_TRACES:02d}"]   # up to MAX_SITE_TRACES: one curve per site
+    assert [t.name for t in figures.site_lines(few, x="round", y="value").data] == sorted(set(few["site"]))
+
+
+def test_live_run_is_read_from_the_cache_until_the_store_changes(tmp_path, monkeypatch):
+    """A live run's page re-runs from the cache while nothing is written (however long
+    that is) and shows a new row at the next run after it is written."""
+    import time
+
+    from dashboard_demo import heart_sites, write_run
+
+    from fedcare.dashboard import common
+
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    with warnings.catch_warnings(), Store(url) as store:
+        warnings.simplefilter("ignore")
+        run_id = write_run(store, "heart-disease", heart_sites(), 2, rounds_planned=5, status="running")
+    calls, real = [], q.event_counts
+    monkeypatch.setattr(q, "event_counts", lambda *a, **k: calls.append(a) or real(*a, **k))
+    at = open_page(url, "events", run_id, monkeypatch)
+    assert "refreshing every" in text_of(at) and "note" not in {m.label for m in at.metric}
+    time.sleep(common.REFRESH_S + 0.5)    # past any refresh period and the 1 s cache of the run list
+    at.run()
+    assert len(calls) == 1
+    with Store(url) as store:
+        store.add_event(run_id, "note", "written while the page is open")
+    time.sleep(1.1)
+    at.run()
+    assert not at.exception and len(calls) == 2
+    assert {m.label: m.value for m in at.metric}["note"] == "1"
+
+
+def test_store_version_changes_when_a_row_is_added(db_url):
+    run_id = _fill_small(db_url)
+    e = q.connect(db_url)
+    before = q.store_version(e)
+    assert before == q.store_version(e) and all(v for v in before)
+    with Store(db_url) as store:
+        store.add_event(run_id, "note", "x")
+    after = q.store_version(e)
+    assert after != before and after[:3] == before[:3]
+
+
 # ------------------------------------------------------------ bad stores
 def test_empty_store_missing_file_and_older_schema(tmp_path, monkeypatch):
     empty = f"sqlite:///{tmp_path / 'empty.db'}"

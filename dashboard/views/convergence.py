@@ -26,10 +26,24 @@ def body() -> None:
     common.plot(fig, key="conv_global")
 
     kinds = data.evaluation_kinds(run["run_id"])
-    per_site = data.site_metric(run["run_id"], metric, q.FEDERATED)
-    fig = figures.line(per_site, x="round", y="value", color="site", markers=len(per_site) < 200,
-                  title=f"{metric} of the global model on each site's test split", labels={"value": metric})
-    common.plot(fig, key="conv_sites")
+    each_site, training = common.lazy_tabs(["Each site's test split", "Training loss"], key="conv_tab")
+    if each_site.open:
+        with each_site:
+            per_site = data.site_metric(run["run_id"], metric, q.FEDERATED)
+            fig = figures.site_lines(per_site, x="round", y="value", labels={"value": metric},
+                                     worst="max" if figures.lower_is_better(metric) else "min",
+                                     markers=len(per_site) < 200,
+                                     title=f"{metric} of the global model on each site's test split")
+            common.plot(fig, key="conv_sites")
+    if training.open:
+        with training:
+            loss = data.train_loss(run["run_id"])
+            if not loss.empty and loss["train_loss"].notna().any():
+                fig = figures.site_lines(loss, x="round", y="train_loss", worst="max",
+                                         title="Training loss of accepted updates")
+                common.plot(fig, key="conv_loss")
+            else:
+                st.caption("No accepted update of this run reported a training loss.")
 
     if q.LOCAL in kinds:
         final = data.final_site_metrics(run["run_id"], metric)
@@ -40,11 +54,6 @@ def body() -> None:
         common.plot(fig, key="conv_local")
     else:
         st.caption("This run has no personalised (local) models, so there is no local-vs-global view.")
-
-    loss = data.train_loss(run["run_id"])
-    if not loss.empty and loss["train_loss"].notna().any():
-        fig = figures.line(loss, x="round", y="train_loss", color="site", title="Training loss of accepted updates")
-        common.plot(fig, key="conv_loss")
 
 
 common.live(body, run, engine)

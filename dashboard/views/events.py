@@ -2,10 +2,9 @@
 import json
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
-from fedcare.dashboard import common
+from fedcare.dashboard import common, figures
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
@@ -28,8 +27,8 @@ def body() -> None:
     events = data.events(run["run_id"], limit=LIMIT)
     events["time"] = pd.to_datetime(events["time"], unit="s", utc=True)
     events["data"] = events["data"].map(lambda d: json.dumps(d) if d else "")
-    fig = px.scatter(events, x="time", y="kind", hover_data=["message"], color="kind", title="Events over time")
-    fig.update_traces(marker=dict(size=12))
+    fig = figures.scatter(events, x="time", y="kind", color="kind", hover_data=["message"], size=12,
+                          title="Events over time")
     common.plot(fig, key="events_timeline")
     st.dataframe(events[["time", "kind", "message", "data"]], hide_index=True)
     if int(counts["count"].sum()) > LIMIT:

@@ -1,6 +1,5 @@
 """Fairness: per-group metrics over rounds, their differences, worst group and site,
 and the same experiment at several epsilons side by side."""
-import plotly.express as px
 import streamlit as st
 
 from fedcare.dashboard import common, figures
@@ -36,6 +35,35 @@ def body() -> None:
 
 def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: int) -> None:
     st.subheader(f"{attribute}: groups at round {rnd}")
+    head = st.container()   # filled after the first chart, which the browser then starts loading sooner
+    over_rounds, differences = common.lazy_tabs(["Groups over rounds", "Differences over rounds"], key="fair_tab")
+    if over_rounds.open:
+        with over_rounds:
+            metric = st.selectbox("Group metric over rounds", METRICS, key="fair_metric")
+            series = data.fairness_series(run["run_id"], attribute, names, metric)
+            present = [g for g in names if g in series and series[g].notna().any()]
+            if present:
+                long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
+                fig = figures.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
+                                   title=f"{metric} per {attribute} group")
+                common.plot(fig, key="fair_groups")
+    if differences.open:
+        with differences:
+            # the differences are in every metric's series; accuracy's is the one the other tab reads first
+            series = data.fairness_series(run["run_id"], attribute, names, METRICS[0])
+            gaps = {"demographic_parity_difference": "demographic parity difference",
+                    "equalized_odds_difference": "equalized odds difference",
+                    "site_gap": "best - worst site accuracy"}
+            diffs = series.rename(columns=gaps).melt(id_vars="round", value_vars=list(gaps.values()),
+                                                     var_name="measure")
+            fig = figures.line(diffs, x="round", y="value", color="measure",
+                               title=f"{attribute}: differences over rounds")
+            common.plot(fig, key="fair_diffs")
+    with head:
+        summary_view(names, summary)
+
+
+def summary_view(names: list[str], summary: dict) -> None:
     cols = st.columns(3)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     cols[0].metric("Demographic parity difference", fmt(summary.get("demographic_parity_difference")))
@@ -56,19 +84,6 @@ def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: i
     st.dataframe(styled, hide_index=True)
     st.caption(f"Worst group (lowest accuracy) highlighted: **{worst}**. Groups smaller than a site's threshold "
                "are suppressed at that site and contribute nothing from it.")
-    metric = st.selectbox("Group metric over rounds", METRICS, key="fair_metric")
-    series = data.fairness_series(run["run_id"], attribute, names, metric)
-    present = [g for g in names if g in series and series[g].notna().any()]
-    if present:
-        long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
-        fig = figures.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
-                      title=f"{metric} per {attribute} group")
-        common.plot(fig, key="fair_groups")
-    gaps = {"demographic_parity_difference": "demographic parity difference",
-            "equalized_odds_difference": "equalized odds difference", "site_gap": "best - worst site accuracy"}
-    diffs = series.rename(columns=gaps).melt(id_vars="round", value_vars=list(gaps.values()), var_name="measure")
-    fig = figures.line(diffs, x="round", y="value", color="measure", title=f"{attribute}: differences over rounds")
-    common.plot(fig, key="fair_diffs")
 
 
 def site_view(by_site: dict, rnd: int) -> None:
@@ -85,9 +100,10 @@ def site_view(by_site: dict, rnd: int) -> None:
     cols[0].metric("Worst site", str(worst), help="lowest accuracy on its own test split")
     cols[1].metric("Best - worst accuracy", "n/a" if by_site.get("gap") is None else f"{by_site['gap']:.3f}")
     cols[2].metric("Spread (std) of site accuracy", "n/a" if by_site.get("spread") is None else f"{by_site['spread']:.3f}")
-    fig = px.bar(table.sort_values("accuracy"), x="site", y="accuracy", color="highlight",
-                 color_discrete_map={"worst site": "#c62828", "other sites": "#1565c0"},
-                 hover_data=["n", "tpr", "fpr", "auroc", "ece"], title="Accuracy per hospital (worst in red)")
+    fig = figures.bar(table.sort_values("accuracy"), x="site", y="accuracy", color="highlight",
+                      color_map={"worst site": "#c62828", "other sites": "#1565c0"},
+                      hover_data=[c for c in ("n", "tpr", "fpr", "auroc", "ece") if c in table],
+                      title="Accuracy per hospital (worst in red)")
     common.plot(fig, key="fair_sites")
 
 

@@ -1,6 +1,5 @@
 """Privacy: epsilon spent per site against its budget, per round and lifetime; and, where
 sites audited the run, the empirical lower bound beside the accountant's epsilon."""
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
@@ -25,33 +24,44 @@ def body() -> None:
         return
     dp = by_site.dropna(subset=["epsilon"]).copy()
     dp["budget used"] = (dp["epsilon"] / dp["budget"]).where(dp["budget"] > 0)
-    cols = st.columns(3)
-    cols[0].metric("Highest lifetime epsilon", f"{dp['epsilon'].max():.2f}", help=dp.loc[dp['epsilon'].idxmax(), "site"])
-    cols[1].metric("This run's epsilon (max over sites)", f"{dp['run_epsilon'].max():.2f}")
-    cols[2].metric("Sites that refused a round", int((dp["refused"] > 0).sum()))
-    st.dataframe(dp[["site", "epsilon", "run_epsilon", "budget", "budget used", "delta", "dp_rounds", "refused",
-                     "last_round"]], hide_index=True,
-                 column_config={"epsilon": st.column_config.NumberColumn("lifetime epsilon", format="%.3f"),
-                                "run_epsilon": st.column_config.NumberColumn("this run", format="%.3f"),
-                                "budget used": st.column_config.ProgressColumn("budget used", min_value=0, max_value=1,
-                                                                               format="percent")})
-    fig = go.Figure()
-    fig.add_bar(x=dp["site"], y=dp["epsilon"], name="lifetime epsilon")
-    fig.add_bar(x=dp["site"], y=dp["run_epsilon"], name="this run")
-    if dp["budget"].notna().any():
-        fig.add_scatter(x=dp["site"], y=dp["budget"], mode="markers", name="budget",
-                        marker=dict(symbol="line-ew-open", size=40, line=dict(width=3, color="#c62828")))
-    fig.update_layout(barmode="group", title="Epsilon spent per site against its budget",
-                      yaxis_title="epsilon")
-    common.plot(fig, key="privacy_sites")
+    head = st.container()   # filled after the first chart, which the browser then starts loading sooner
+    per_site, over_rounds = common.lazy_tabs(["Per site against its budget", "Over rounds"], key="privacy_tab")
+    if per_site.open:
+        with per_site:
+            sites = dp["site"].to_numpy()
+            traces = [{"type": "bar", "x": sites, "y": dp["epsilon"].to_numpy(), "name": "lifetime epsilon",
+                       "marker": {"color": "#0068c9"}},
+                      {"type": "bar", "x": sites, "y": dp["run_epsilon"].to_numpy(), "name": "this run",
+                       "marker": {"color": "#83c9ff"}}]
+            if dp["budget"].notna().any():
+                traces.append({"type": "scatter", "x": sites, "y": dp["budget"].to_numpy(), "mode": "markers",
+                               "name": "budget", "marker": {"symbol": "line-ew-open", "size": 40, "color": "#c62828",
+                                                            "line": {"width": 3, "color": "#c62828"}}})
+            fig = go.Figure({"data": traces, "layout": {
+                **figures.LAYOUT, "barmode": "group", "title": {"text": "Epsilon spent per site against its budget"},
+                "xaxis": {"title": {"text": "site"}}, "yaxis": {"title": {"text": "epsilon"}}}})
+            common.plot(fig, key="privacy_sites")
+    if over_rounds.open:
+        with over_rounds:
+            series = data.privacy_series(run["run_id"])
+            fig = figures.site_lines(series, x="round", y="epsilon", worst="max", markers=len(series) < 200,
+                                     title="Lifetime epsilon after each round")
+            for b in dp["budget"].dropna().unique():
+                fig.add_hline(y=float(b), line_dash="dash", line_color="#c62828", annotation_text=f"budget {b:g}")
+            common.plot(fig, key="privacy_rounds")
 
-    series = data.privacy_series(run["run_id"])
-    fig = figures.line(series, x="round", y="epsilon", color="site", markers=len(series) < 200,
-                  title="Lifetime epsilon after each round")
-    budgets = dp["budget"].dropna().unique()
-    for b in budgets:
-        fig.add_hline(y=float(b), line_dash="dash", line_color="#c62828", annotation_text=f"budget {b:g}")
-    common.plot(fig, key="privacy_rounds")
+    with head:
+        cols = st.columns(3)
+        cols[0].metric("Highest lifetime epsilon", f"{dp['epsilon'].max():.2f}",
+                       help=dp.loc[dp['epsilon'].idxmax(), "site"])
+        cols[1].metric("This run's epsilon (max over sites)", f"{dp['run_epsilon'].max():.2f}")
+        cols[2].metric("Sites that refused a round", int((dp["refused"] > 0).sum()))
+        st.dataframe(dp[["site", "epsilon", "run_epsilon", "budget", "budget used", "delta", "dp_rounds", "refused",
+                         "last_round"]], hide_index=True,
+                     column_config={"epsilon": st.column_config.NumberColumn("lifetime epsilon", format="%.3f"),
+                                    "run_epsilon": st.column_config.NumberColumn("this run", format="%.3f"),
+                                    "budget used": st.column_config.ProgressColumn("budget used", min_value=0,
+                                                                                   max_value=1, format="percent")})
 
 
 def audit_section(data) -> None:

@@ -50,8 +50,10 @@ def body() -> None:
                   title=f"Global {metric} per round" + (" (compared runs)" if len(compared) > 1 else ""),
                   labels={"value": metric})
     common.plot(fig, key="runs_compare")
-    with st.expander(f"Configuration of {run['run_id']}"):
-        st.json(run["config"], expanded=False)
+    config = common.lazy_expander(f"Configuration of {run['run_id']}", key="runs_config")
+    if config.open:
+        with config:
+            st.json(run["config"], expanded=False)
 
 
 def run_rounds(runs) -> int:
