@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import tomli_w
+import tomllib
 
 from .config import RunConfig
 from .errors import FedcareError
@@ -122,29 +123,51 @@ def simulation_superlink(num_sites: int, workdir: Path) -> Iterator[tuple[Path, 
             },
         },
     }}))
-    log = open(workdir / "superlink.log", "w")
-    cmd = [shutil.which("flower-superlink") or "flower-superlink", "--insecure", "--simulation",
-           "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-           "--host", "127.0.0.1", "--port", str(http), "--health-server-address", f"127.0.0.1:{health}",
-           "--database", ":flwr-in-memory:"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log = _start_superlink(http, health, env, workdir / "superlink.log")
     try:
-        _wait_port(http, proc, workdir / "superlink.log")
         yield flwr_home, env
     finally:
         _stop(proc)
         log.close()
 
 
-def _wait_port(port: int, proc: subprocess.Popen, logfile: Path, timeout: float = 60.0) -> None:
+def _start_superlink(http: int, health: int, env: dict[str, str], log_path: Path, tries: int = 5):
+    """Start the simulation SuperLink on ``http``; when another process took that port
+    between ``free_port`` and the bind (the SuperLink then exits with "address already in
+    use"), start it again on fresh ports and rewrite the connection. Returns (proc, log)."""
+    for attempt in range(tries):
+        log = open(log_path, "w")
+        cmd = [shutil.which("flower-superlink") or "flower-superlink", "--insecure", "--simulation",
+               "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(http), "--health-server-address", f"127.0.0.1:{health}",
+               "--database", ":flwr-in-memory:"]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if _serving(http, proc, log_path):
+            return proc, log
+        _stop(proc)
+        log.close()
+        http, health = free_port(), free_port()
+        config = Path(env["FLWR_HOME"]) / "config.toml"
+        doc = tomllib.loads(config.read_text())
+        doc["superlink"]["fedcare"]["address"] = f"127.0.0.1:{http}"
+        config.write_text(tomli_w.dumps(doc))
+    raise FedcareError(f"flower-superlink could not bind a free port in {tries} tries; see {log_path}")
+
+
+def _serving(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> bool:
+    """True once the SuperLink reports it serves on ``port``; False when it lost the port
+    to another process; raises when it fails otherwise or does not start in time."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        text = log_path.read_text(errors="replace")
+        if "address already in use" in text:
+            return False
+        if f"running on http://127.0.0.1:{port}" in text and proc.poll() is None:
+            return True
         if proc.poll() is not None:
-            raise FedcareError(f"flower-superlink exited with code {proc.returncode}; see {logfile}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
+            raise FedcareError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
         time.sleep(0.2)
-    raise FedcareError(f"flower-superlink did not open port {port} within {timeout:.0f} s; see {logfile}")
+    raise FedcareError(f"flower-superlink did not serve on port {port} within {timeout:.0f} s; see {log_path}")
 
 
 def flwr_run(cfg: RunConfig, env: dict[str, str], connection: str, log_path: Path,

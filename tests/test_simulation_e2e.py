@@ -82,3 +82,32 @@ def test_demo_ends_with_a_text_model_that_learnt(tmp_path):
     assert res.stdout.rstrip().splitlines()[-1].startswith("  after 3 rounds")
     assert acc >= 0.45 and f1 >= 0.35, (acc, f1)
     assert acc >= acc0 + 0.15, (acc0, acc)
+
+
+def test_simulation_superlink_moves_to_a_free_port_when_its_port_was_taken(tmp_path):
+    """Another process takes the port between free_port() and the SuperLink's bind: the
+    SuperLink is started again on fresh ports and the connection follows it."""
+    import socket
+
+    import tomli_w
+    import tomllib
+
+    from fedcare import flower
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "fedcare", "fedcare": {
+        "address": "127.0.0.1:1", "insecure": True}}}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, log = flower._start_superlink(port, flower.free_port(), flower.flwr_env(home), tmp_path / "sl.log")
+        try:
+            address = tomllib.loads((home / "config.toml").read_text())["superlink"]["fedcare"]["address"]
+            assert proc.poll() is None and address != f"127.0.0.1:{port}"
+            with socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=5):
+                pass
+        finally:
+            flower.stop(proc)
+            log.close()
