@@ -40,7 +40,8 @@ def train(msg: Message, context: Context) -> Message:
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
         if msg.content[S.CONFIG].get(S.EVALUATE_FIRST):   # the last round's model, before training on
-            evaluation = _evaluation(site, policy, model, split, msg, context, rnd - 1)
+            metrics, evaluation = _evaluation(site, policy, model, split, msg, context, rnd - 1)
+            evaluation[S.METRICS_JSON] = json.dumps(metrics)
         split = _with_canaries(site, context, split)
         received = _load_global(site, model, msg, context)
         from .ledger import SiteLedger
@@ -89,24 +90,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     except FedcareError as err:
         _audit(site, policy, rnd, "evaluate", "", 0, None, "refused", str(err))
         return _refusal(msg, site, str(err))
-    fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
-    metrics = json.loads(fields.pop(S.METRICS_JSON))
+    metrics, fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
     info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg), **fields}
     return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
 
 
-def _evaluation(site: Site, policy, model, split, msg: Message, context: Context, rnd: int) -> dict[str, str]:
-    """The global model of ``msg`` evaluated on the site's test split: the JSON fields an
-    evaluation carries (metrics with the example count, per-group counts as the policy
+def _evaluation(site: Site, policy, model, split, msg: Message, context: Context,
+                rnd: int) -> tuple[dict, dict[str, str]]:
+    """The global model of ``msg`` evaluated on the site's test split: (metrics with the
+    example count, the JSON fields an evaluation carries: per-group counts as the policy
     allows, the personalised model's metrics, the privacy audit after the last round),
-    recorded in the site's audit log as sent for round ``rnd``. Leaves the global state
-    (without the personal part) loaded in ``model``."""
+    recorded in the site's audit log as sent for round ``rnd``. ``model`` is left with
+    whatever state it was evaluated in; the caller loads what it needs next."""
     from fedcare.models.fairness import site_counts
 
     _load_global(site, model, msg, context, personal=False)
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
     metrics = site.task.metrics(scores, labels)
-    fields = {S.METRICS_JSON: json.dumps({S.NUM_EXAMPLES: len(labels), **metrics})}
+    fields: dict[str, str] = {}
     audit = _privacy_audit(site, context, split, model, rnd)
     if audit is not None:
         fields[S.AUDIT_JSON] = json.dumps(audit)
@@ -119,10 +120,9 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
         _load_global(site, model, msg, context, personal=True)
         ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
         fields[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
-        _load_global(site, model, msg, context, personal=False)
     payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
     _audit(site, policy, rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
-    return fields
+    return {S.NUM_EXAMPLES: len(labels), **metrics}, fields
 
 
 # ----------------------------------------------------------------------------- helpers
