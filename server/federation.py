@@ -18,7 +18,7 @@ from fedcare import __version__, schemas as S
 from fedcare.config import RunConfig
 from fedcare.models.registry import get_task
 from fedcare.models.state import get_trainable_state
-from fedcare.records import from_array_record, to_array_record
+from fedcare.records import to_array_record
 
 log = logging.getLogger("fedcare.server")
 POLL_S = 0.1   # between pulls of the replies still missing
@@ -102,15 +102,15 @@ class Federation:
         replies = self._send_and_collect(msgs, timeout)
         if rides:
             self._store_evaluations(rnd - 1, replies, nonce)
-        sites, accepted_msgs = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
+        sites, accepted = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
         for s in sites:   # seconds from the push to the reply's arrival, per site
             if s.node_id in self.latency:
                 s.metrics["latency_s"] = self.latency[s.node_id]
-        metrics: dict[str, float] = {"sites_accepted": float(len(accepted_msgs)), **self.transfer}
-        if len(accepted_msgs) >= cfg.strategy.min_sites:
-            arrays, agg_metrics = self.strategy.aggregate_train(rnd, accepted_msgs)
-            if arrays is not None:
-                state = {**state, **from_array_record(arrays)}
+        metrics: dict[str, float] = {"sites_accepted": float(len(accepted)), **self.transfer}
+        if len(accepted) >= cfg.strategy.min_sites:
+            new, agg_metrics = self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
+            if new is not None:
+                state = {**state, **new}
             if agg_metrics and S.TRAIN_LOSS in agg_metrics:
                 metrics[S.TRAIN_LOSS] = float(agg_metrics[S.TRAIN_LOSS])  # weighted by examples
             sent = [s.update_bytes for s in sites if s.accepted]
@@ -121,7 +121,7 @@ class Federation:
         else:
             metrics["aggregated"] = 0.0
             self.store.add_event(self.run_id, "round_skipped",
-                                 f"round {rnd}: {len(accepted_msgs)} accepted updates < strategy.min_sites={cfg.strategy.min_sites}; global model unchanged")
+                                 f"round {rnd}: {len(accepted)} accepted updates < strategy.min_sites={cfg.strategy.min_sites}; global model unchanged")
         evaluations, fairness = [], None
         if not cfg.strategy.evaluate_with_train or rnd == cfg.rounds:   # else: in the next round's messages
             evaluations, fairness = self._evaluate(rnd, state)
@@ -235,8 +235,8 @@ class Federation:
         for row in sites:
             if row.status == S.ACCEPTED and row.site in rejected:
                 row.status, row.reason = S.REJECTED, rejected[row.site]
-        msg_of = {u.site: u.message for u in ok}
-        return sites, [msg_of[s] for s in accepted]
+        update_of = {u.site: u for u in ok}
+        return sites, [update_of[s] for s in accepted]
 
     def _evaluate(self, rnd: int, state: dict[str, np.ndarray]):
         """Round ``rnd``'s global model evaluated by the sites, in evaluate messages."""

@@ -22,7 +22,7 @@ ffa/exact). Replies are copied before the base rule runs: some Flower strategies
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -69,14 +69,25 @@ class LoraAwareStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's interface: decode each reply's arrays, then ``aggregate_states``."""
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        self.last_diagnostics = {}
         if not ok:
+            self.last_diagnostics = {}
             return self.base.aggregate_train(server_round, replies)
+        state, metrics = self.aggregate_states(server_round,
+                                               [(m, dict(from_array_record(m.content[ARRAYS]))) for m in ok])
+        return (None if state is None else to_array_record(state)), metrics
+
+    def aggregate_states(self, server_round: int, updates: Sequence[tuple[Message, dict[str, np.ndarray]]]
+                         ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None]:
+        """The new global (trainable) state from accepted replies whose arrays are already
+        decoded, as the round loop decodes each reply once (server/replies.py). The base
+        rule gets one copy of each reply with its state in the base rule's space."""
+        self.last_diagnostics = {}
         if self._global is None:
             raise RuntimeError("configure_train must run before aggregate_train")
-        states = [dict(from_array_record(m.content[ARRAYS])) for m in ok]
+        states = [state for _, state in updates]
         if self.lora_mode == "ffa":
             carrying_a = [k for s in states for k in s if is_lora_a(k)]
             if carrying_a:
@@ -89,12 +100,11 @@ class LoraAwareStrategy(Strategy):
         if any(r is not None for r in ranks):
             self.last_diagnostics["lora_rank_min"] = float(min(r for r in ranks if r is not None))
             self.last_diagnostics["lora_rank_max"] = float(max(r for r in ranks if r is not None))
-        base_states = [self._to_base_space(s) for s in states]
-        copies = [_with_arrays(m, s) for m, s in zip(ok, base_states)]
+        copies = [_with_arrays(m, self._to_base_space(s)) for m, s in updates]
         arrays, metrics = self.base.aggregate_train(server_round, copies)
         if arrays is None:
-            return arrays, metrics
-        return to_array_record(self._from_base_space(dict(from_array_record(arrays)))), metrics
+            return None, metrics
+        return self._from_base_space(dict(from_array_record(arrays))), metrics
 
     # ---------------------------------------------------------------- evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -126,6 +126,26 @@ def lora_update(rng, g, r=None):
     return s
 
 
+@pytest.mark.parametrize("name,mode", [("fedavg", "naive"), ("fedmedian", "exact"), ("fedadam", "naive")])
+def test_aggregating_decoded_states_equals_aggregating_the_replies(name, mode):
+    """The round loop hands the strategy each reply's arrays as decoded once at the
+    boundary (``aggregate_states``): the same result as Flower's ``aggregate_train`` on
+    the messages, and the replies themselves are left whole."""
+    rng = np.random.default_rng(3)
+    g = lora_global(rng)
+    sites = [lora_update(rng, g) for _ in range(3)]
+    sets = {"lora.aggregation": mode, "lora.r": 8, "lora.alpha": 16}
+    via_messages, _, replies, _ = run_round(build_strategy(cfg_for(name, sites=3, **sets), LoraTaskContract()), g,
+                                            sites)
+    strategy = build_strategy(cfg_for(name, sites=3, **sets), LoraTaskContract())
+    list(strategy.configure_train(1, to_array_record(g), ConfigRecord(), NodesGrid(range(101, 104))))
+    state, _ = strategy.aggregate_states(1, list(zip(replies, sites)))
+    assert set(state) == set(via_messages)
+    for k in state:
+        np.testing.assert_allclose(state[k], via_messages[k], rtol=1e-5, atol=1e-6)
+    assert all(set(m.content[ARRAYS].keys()) == set(g) for m in replies)
+
+
 # ------------------------------------------------------------------------ registry
 def test_names_and_unknown_name():
     assert strategy_names() == ["fedavg", "fedprox", "fedadam", "fedyogi", "qfedavg",
@@ -357,7 +377,7 @@ def test_heterogeneous_ranks_end_to_end_on_medical_abstracts(tmp_path):
 
     db = f"sqlite:///{tmp_path}/hetero.db"
     cfg = resolve_config("medical-abstracts", [
-        "lora.site_ranks=2,4,8", f"lora.aggregation={mode}", "lora.r=8", "train.local_steps=1",
+        "train.mode=lora", "lora.site_ranks=2,4,8", f"lora.aggregation={mode}", "lora.r=8", "train.local_steps=1",
         "data.max_train_per_site=8", "data.max_test_per_site=4", "train.batch_size=4"], sites=3, rounds=2, seed=7)
     cfg.runtime.db = db
     run_id = run_federation(InProcessGrid(cfg, cfg.sites), cfg)
