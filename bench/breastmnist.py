@@ -70,7 +70,7 @@ METRICS = ("auroc", "accuracy", "balanced_accuracy")
 
 def config(args, sites: int, rounds: int, local_steps: int, epsilon: float | None, seed: int | None = None,
            **over) -> RunConfig:
-    flat = {**get_task(TASK).defaults, "task": TASK, "sites": sites, "rounds": rounds,
+    flat = {**get_task(TASK).settings("lora"), "task": TASK, "sites": sites, "rounds": rounds,
             "seed": args.seed if seed is None else seed, "train.local_steps": local_steps,
             "data.dirichlet_alpha": args.alpha, "train.mode": args.mode,
             **dp_sets(epsilon, args.delta, over.pop("clip", args.clip), "prv")}

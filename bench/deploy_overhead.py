@@ -16,7 +16,8 @@ Modes (``--modes``, all by default):
   certificate issued for the coordinator's address). Needs root.
 
 Every deployed mode runs the real CLI (TLS, SuperNode authentication, the sites' own
-data folders). Round times come from the store; the breakdown of a round uses what the
+data folders; for the text task each folder holds exactly the abstracts of the
+simulated site of the same name, so both modes train and evaluate the same examples). Round times come from the store; the breakdown of a round uses what the
 round loop records: ``compute`` = the slowest accepted site's training time (reported
 by the site), ``transfer`` = seconds the server spent pushing the messages and pulling
 the replies, ``waiting`` = the slowest site's latency (push to reply) minus those two
@@ -29,7 +30,8 @@ round's model in the train message: one message per site per round) unless
 ``--separate-evaluation`` asks for an evaluate message per site per round as well.
 
     python bench/deploy_overhead.py --rounds 4 --local-steps 100
-    python bench/deploy_overhead.py --task medical-abstracts --sites 3 --modes simulation,executor
+    python bench/deploy_overhead.py --task medical-abstracts --sites 3 --rounds 5 --local-steps 20 \
+        --modes simulation,executor --set train.mode=lora     # the MiniLM LoRA text task
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def simulation(work: Path, task: str, sites: int, sets: list[str], rounds: int, 
     raise SystemExit("fedcare simulate failed every time:\n" + "\n".join(failures))
 
 
-def site_folders(work: Path, task: str, sites: int) -> dict[str, Path]:
+def site_folders(work: Path, task: str, sites: int, sets: list[str]) -> dict[str, Path]:
     """Each site's own data folder (what a hospital would point `--data` at)."""
     if task == "heart-disease":
         folders = {}
@@ -118,7 +120,38 @@ def site_folders(work: Path, task: str, sites: int) -> dict[str, Path]:
             folders[site].mkdir(parents=True)
             shutil.copy(ROOT / "data" / "heart-disease" / file, folders[site])
         return folders
+    if task == "medical-abstracts":
+        return abstracts_folders(work, sites, sets)
     return {f"site-{i}": ROOT / "data" / task for i in range(sites)}   # every site holds the corpus format
+
+
+def abstracts_folders(work: Path, sites: int, sets: list[str]) -> dict[str, Path]:
+    """Each deployed hospital gets exactly the abstracts its simulated twin holds (the
+    seeded Dirichlet partition, train and test rows), as a described CSV folder, so both
+    modes train and evaluate on the same examples (holding the whole corpus, a site
+    would evaluate three times as many)."""
+    import pandas as pd
+
+    from fedcare.launch import resolve_config
+    from fedcare.models.medical_abstracts import load_corpus, site_rows
+
+    cfg = resolve_config("medical-abstracts", [v for k, v in zip(sets[::2], sets[1::2])], sites=sites)
+    ids = [f"site-{i}" for i in range(sites)]
+    folders = {}
+    for site in ids:
+        folder, train, test = site_rows(ids, site, cfg)
+        corpus = load_corpus(folder)
+        rows = [*train, *test]
+        folders[site] = work / "data" / site
+        folders[site].mkdir(parents=True)
+        pd.DataFrame({"text": [corpus.texts[i] for i in rows],
+                      "label": [corpus.class_names[corpus.labels[i]] for i in rows],
+                      "split": ["train"] * len(train) + ["test"] * len(test)}).to_csv(
+            folders[site] / "abstracts.csv", index=False)
+        (folders[site] / "dataset.toml").write_text(
+            f'dataset_id = "{site}/abstracts"\nfamily = "text"\nformat = "csv"\nfiles = ["abstracts.csv"]\n'
+            '[columns]\ntext = "text"\nlabel = "label"\nsplit = "split"\n')
+    return folders
 
 
 def deployment(work: Path, task: str, sites: int, sets: list[str], rounds: int, executor: bool, hosts) -> dict:
@@ -131,7 +164,7 @@ def deployment(work: Path, task: str, sites: int, sets: list[str], rounds: int, 
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     coord = hosts.addr("coordinator")
     tls = init_server(work / "tls", ["localhost"], [coord])
-    folders = site_folders(work, task, sites)
+    folders = site_folders(work, task, sites, sets)
     keys = {site: create_site_keys(site, work / "keys") for site in folders}
     port, home, db = free_port(), work / "flwr-home", f"sqlite:///{work / 'deploy.db'}"
     procs = []
@@ -198,7 +231,7 @@ def run_mode(mode: str, work: Path, args, sets: list[str]) -> dict:
     if mode == "executor-netns":
         from netns import Lan
 
-        names = list(site_folders(work / "probe", args.task, args.sites))
+        names = list(site_folders(work / "probe", args.task, args.sites, sets))
         with Lan(["coordinator", *names]) as lan:
             return deployment(work, args.task, args.sites, sets, args.rounds, True, lan)
     return deployment(work, args.task, args.sites, sets, args.rounds, mode == "executor", Loopback())

@@ -145,7 +145,7 @@ def part_b(args) -> dict:
     rows = []
     for eps in args.epsilons_b:
         for aggregation in ("naive", "ffa"):
-            cfg = RunConfig.from_flat({**get_task("medical-abstracts").defaults, "task": "medical-abstracts",
+            cfg = RunConfig.from_flat({**get_task("medical-abstracts").settings("lora"), "task": "medical-abstracts",
                                        "sites": 4, "rounds": args.b_rounds, "seed": 42,
                                        "train.local_steps": args.b_steps, "train.batch_size": args.b_batch,
                                        **({"train.lr": args.b_lr} if args.b_lr else {}),
@@ -171,7 +171,7 @@ def part_b(args) -> dict:
 
 def part_c(args) -> dict:
     task = get_task("medical-abstracts")
-    cfg = RunConfig.from_flat({**task.defaults, "task": "medical-abstracts", "sites": 4, "seed": 42,
+    cfg = RunConfig.from_flat({**task.settings("lora"), "task": "medical-abstracts", "sites": 4, "seed": 42,
                                "train.batch_size": args.c_batch, "data.max_train_per_site": 64,
                                "data.max_test_per_site": 5}).validate()
     split = task.load_site("site-0", cfg)

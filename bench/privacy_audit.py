@@ -35,7 +35,7 @@ EPSILONS = (1.0, 3.0, 8.0, None)
 SETS = {
     "heart-disease": ["rounds=3", "train.local_steps=50", "train.batch_size=16", "train.optimizer=sgd",
                       "train.lr=0.05", "dp.delta=1e-3", "audit.canaries=13", "audit.sites=cleveland"],
-    "medical-abstracts": ["sites=1", "rounds=1", "train.local_steps=20", "train.batch_size=16",
+    "medical-abstracts": ["train.mode=lora", "sites=1", "rounds=1", "train.local_steps=20", "train.batch_size=16",
                           "train.optimizer=sgd", "train.lr=0.5", "data.max_train_per_site=64",
                           "data.max_test_per_site=8", "dp.delta=1e-3", "audit.canaries=48"],
 }

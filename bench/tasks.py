@@ -34,7 +34,7 @@ def measure(task_name: str, steps: int, max_train: int) -> dict:
     device = pick_device()
     task = get_task(task_name)
     cfg = RunConfig()
-    cfg.update(task.defaults)
+    cfg.update(task.settings("lora"))
     cfg.update({"data.max_train_per_site": max_train, "data.max_test_per_site": 8})
     t0 = time.perf_counter()
     split = task.load_site(task.site_ids(cfg)[0], cfg)

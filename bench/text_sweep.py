@@ -58,7 +58,7 @@ def warm_embeddings(cfg: RunConfig, cache: Path | None) -> float:
 
 def config(sites: int, alpha: float, seed: int, rounds: int, steps: int, batch: int, lr: float,
            eps: float | None, extra: dict) -> RunConfig:
-    return RunConfig.from_flat({**get_task(TASK).defaults, "task": TASK, "sites": sites, "rounds": rounds,
+    return RunConfig.from_flat({**get_task(TASK).settings("lora"), "task": TASK, "sites": sites, "rounds": rounds,
                                 "seed": seed, "data.dirichlet_alpha": alpha, "train.mode": "head",
                                 "train.local_steps": steps, "train.batch_size": batch, "train.lr": lr,
                                 **dp_sets(eps, 1e-5, extra.get("dp.max_grad_norm", 1.0), "prv"), **extra}).validate()

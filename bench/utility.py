@@ -167,7 +167,7 @@ FED_OVER_POOLED = 0.95
 # ------------------------------------------------------------------------- configs
 def make_config(task: str, p: dict, mode: str | None, seed: int, eps: float | None,
                 rounds: int, local_steps: int) -> RunConfig:
-    flat = {**get_task(task).defaults, "task": task, "seed": seed, "rounds": rounds, "train.local_steps": local_steps,
+    flat = {**get_task(task).settings("lora"), "task": task, "seed": seed, "rounds": rounds, "train.local_steps": local_steps,
             **{KEYS[k]: v for k, v in p.items() if k in KEYS},
             **dp_sets(eps, p["delta"], p["clip"], "prv")}
     if mode is not None:

@@ -21,18 +21,20 @@ console = Console(stderr=True)
 
 
 def resolve_config(task: str, sets: list[str], **explicit) -> RunConfig:
-    """defaults < the task's defaults (and its defaults for the chosen strategy) <
-    explicit options < --set, then validated."""
+    """RunConfig's defaults < the task's settings for the chosen training mode, with or
+    without DP-SGD, and for the chosen strategy < explicit options < --set, then validated."""
     from .models.registry import get_task
     from .strategies.registry import check_strategy_config
 
     cfg = RunConfig(task=task)
     t = get_task(task)
-    cfg.update(t.defaults)
     cfg.update({k: v for k, v in explicit.items() if v is not None})
     cfg.apply_sets(sets)
     chosen = {k for k, v in explicit.items() if v is not None} | {s.partition("=")[0].strip() for s in sets}
-    cfg.update({k: v for k, v in t.strategy_defaults.get(cfg.strategy.name, {}).items() if k not in chosen})
+    dp_sgd = cfg.dp.level == "sample" or (cfg.dp.level == "none" and (cfg.dp.epsilon > 0 or cfg.dp.noise_multiplier > 0))
+    tuned = {**t.settings(cfg.train.mode if "train.mode" in chosen else None, dp_sgd),
+             **t.strategy_defaults.get(cfg.strategy.name, {})}
+    cfg.update({k: v for k, v in tuned.items() if k not in chosen})
     if t.fixed_sites is not None:
         if explicit.get("sites") not in (None, t.fixed_sites):
             raise ConfigError(f"task {task} has {t.fixed_sites} natural sites; drop --sites or set it to {t.fixed_sites}")

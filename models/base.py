@@ -37,6 +37,10 @@ class Task(ABC):
     num_classes: ClassVar[int]
     #: dotted config keys this task sets differently from RunConfig's defaults
     defaults: ClassVar[dict[str, Any]] = {}
+    #: per training mode ("lora", "head", "full") and per mode under DP-SGD ("head+dp"),
+    #: the settings that learn in that mode, chosen by the sweeps in bench/; they apply
+    #: over ``defaults`` (which may name the task's own ``train.mode``); explicit settings win
+    mode_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     #: per strategy name, dotted keys that strategy needs set differently on this task
     #: (tuned server learning rates, q-FedAvg's local SGD); explicit settings win
     strategy_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -48,6 +52,15 @@ class Task(ABC):
     audit_canaries: ClassVar[int] = 100
     #: name of the primary metric (for convergence plots and "rounds to X")
     primary_metric: ClassVar[str] = "accuracy"
+
+    def settings(self, mode: str | None = None, dp: bool = False) -> dict[str, Any]:
+        """The task's dotted settings for a run in ``mode`` (None: the task's own mode),
+        with DP-SGD or without: ``defaults``, then the mode's, then the mode's under DP."""
+        mode = mode or self.defaults.get("train.mode", "lora")
+        out = {**self.defaults, "train.mode": mode, **self.mode_defaults.get(mode, {})}
+        if dp:
+            out.update(self.mode_defaults.get(f"{mode}+dp", {}))
+        return out
 
     def site_ids(self, cfg: RunConfig) -> list[str]:
         n = self.fixed_sites or cfg.sites

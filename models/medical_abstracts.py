@@ -219,8 +219,18 @@ class MedicalAbstractsTask(Task):
     num_classes = 5
     base_model = "sentence-transformers/all-MiniLM-L6-v2"   # what a site policy allow-lists
     audit_canaries = 200
-    defaults = {"train.batch_size": 16, "train.lr": 5e-4, "train.local_steps": 20,
-                "train.optimizer": "adamw", "sites": 4, "lora.target_modules": "query,value"}
+    # The frozen-encoder head mode is the default: it is what reaches pooled accuracy here,
+    # also under DP (bench/utility.py, 4 sites, Dirichlet 0.3, all abstracts: 0.61 without
+    # DP, 0.59 at epsilon 8, 0.60 at 3, 0.54 at 1; pooled 0.62). Its settings came from that
+    # bench's short sweep (plain SGD with a large step on full-ish batches, the same with
+    # and without DP); LoRA's and full fine-tuning's are the earlier presets.
+    defaults = {"sites": 4, "train.mode": "head", "lora.target_modules": "query,value"}
+    mode_defaults = {
+        "head": {"rounds": 30, "train.local_steps": 10, "train.batch_size": 128, "train.lr": 0.5,
+                 "train.optimizer": "sgd"},
+        "lora": {"train.batch_size": 16, "train.lr": 5e-4, "train.local_steps": 20, "train.optimizer": "adamw"},
+        "full": {"train.batch_size": 16, "train.lr": 1e-4, "train.local_steps": 20, "train.optimizer": "adamw"},
+    }
 
     def load_site(self, site_id: str, cfg: RunConfig) -> SiteSplit:
         from .sitedata import has_description

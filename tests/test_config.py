@@ -63,3 +63,36 @@ def test_cli_user_errors_are_one_line_exit_2(args, message):
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_task_defaults_follow_the_training_mode_and_dp_and_explicit_settings_win():
+    """A task's settings for its mode (and under DP-SGD) apply unless set; the swept head
+    settings are breastmnist's defaults, LoRA keeps its own."""
+    from fedcare.launch import resolve_config
+
+    head = resolve_config("breastmnist", [])
+    assert (head.train.mode, head.rounds, head.train.optimizer, head.train.lr, head.train.local_steps,
+            head.train.batch_size, head.dp.delta) == ("head", 10, "sgd", 0.03, 20, 32, 1e-5)
+    dp = resolve_config("breastmnist", ["dp.epsilon=8"])
+    assert (dp.dp.level, dp.train.lr, dp.train.local_steps, dp.train.batch_size, dp.dp.delta) == \
+        ("sample", 1.0, 5, 256, 1e-3)
+    mine = resolve_config("breastmnist", ["dp.epsilon=8", "train.lr=0.5", "dp.delta=1e-5"], rounds=4)
+    assert (mine.train.lr, mine.dp.delta, mine.rounds, mine.train.batch_size) == (0.5, 1e-5, 4, 256)
+    lora = resolve_config("breastmnist", ["train.mode=lora", "dp.epsilon=8"])
+    assert (lora.rounds, lora.train.optimizer, lora.train.lr, lora.train.batch_size) == (3, "adam", 1e-3, 16)
+    text = resolve_config("medical-abstracts", [])
+    assert (text.train.mode, text.rounds, text.train.optimizer, text.train.lr) == ("head", 30, "sgd", 0.5)
+    client_dp = resolve_config("breastmnist", ["dp.level=client", "dp.noise_multiplier=1"])
+    assert client_dp.train.lr == 0.03   # the DP-SGD settings are for per-example clipping only
+    q = resolve_config("heart-disease", [], **{"strategy.name": "qfedavg"})
+    assert (q.train.optimizer, q.train.lr) == ("sgd", 0.01)   # the strategy's defaults still apply
+
+
+def test_config_show_prints_what_a_run_would_use():
+    out = subprocess.run([sys.executable, "-c", "from fedcare.cli import main; main()", "config", "show",
+                          "--task", "breastmnist", "--set", "dp.epsilon=8"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {ln[2:].split()[0]: ln for ln in out.stdout.splitlines()}
+    assert lines["train.lr"].startswith("*") and lines["train.lr"].split()[-1] == "1.0"
+    assert lines["train.mode"].split()[-1] == "'head'" and not lines["seed"].startswith("*")

@@ -47,7 +47,8 @@ def test_text_family_deployed_with_lora_and_dp(tmp_path):
         out = subprocess.run(
             [FEDCARE, "server", "run", "--task", "text", "--rounds", "1", "--quiet",
              "--set", f"data.labels={','.join(ABSTRACT_LABELS)}", "--set", "data.text_length=32",
-             "--set", "train.local_steps=2", "--set", "train.batch_size=4", "--set", "dp.epsilon=8",
+             "--set", "train.mode=lora", "--set", "train.local_steps=2", "--set", "train.batch_size=4",
+             "--set", "dp.epsilon=8",
              "--set", "strategy.min_sites=3", "--set", "strategy.round_timeout=400"],
             env=env, capture_output=True, text=True, timeout=900)
         elapsed = time.perf_counter() - t0

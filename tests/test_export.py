@@ -229,7 +229,7 @@ def test_lora_export_reloads_with_peft_alone(tmp_path, capsys):
     from fedcare.models.metrics import classification_metrics
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    overrides = ["train.local_steps=2", "data.max_train_per_site=16", "data.max_test_per_site=12",
+    overrides = ["train.mode=lora", "train.local_steps=2", "data.max_train_per_site=16", "data.max_test_per_site=12",
                  "train.batch_size=8"]
     run_id = _run("medical-abstracts", url, overrides, rounds=1, sites=2)
     out = tmp_path / "model"

@@ -24,7 +24,7 @@ def federate(tmp_path, task: str, folders, **flat) -> dict:
     cfg = RunConfig(task=task, rounds=1, sites=len(folders), seed=3)
     from fedcare.models.registry import get_task
 
-    cfg.update(get_task(task).defaults)
+    cfg.update(get_task(task).settings("lora"))
     cfg.update({"train.local_steps": 1, "train.batch_size": 4, "train.eval_batch_size": 8,
                 "strategy.min_sites": 2, **flat})
     cfg.validate()

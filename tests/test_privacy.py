@@ -262,7 +262,7 @@ def test_lora_adapter_trains_under_dp_two_rounds_same_model(tmp_path):
     from fedcare.models.medical_abstracts import MedicalAbstractsTask
 
     task = MedicalAbstractsTask()
-    flat = {**task.defaults, "task": "medical-abstracts", "rounds": 2, "train.local_steps": 2,
+    flat = {**task.settings("lora"), "task": "medical-abstracts", "rounds": 2, "train.local_steps": 2,
             "train.batch_size": 2, "data.max_train_per_site": 12, "data.max_test_per_site": 5,
             "dp.noise_multiplier": 1.0, "dp.delta": 1e-3, "lora.target_modules": "query"}
     for aggregation, rounds in (("naive", (1, 2)), ("ffa", (1,))):

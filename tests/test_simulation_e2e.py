@@ -35,7 +35,7 @@ def test_medical_abstracts_lora_with_heterogeneous_ranks(tmp_path):
     """LoRA updates are a small fraction of the model; sites of rank 4 and 8 federate
     through exact (SVD) aggregation and each sends an update of its own rank."""
     db = f"sqlite:///{tmp_path}/fed.db"
-    _, rep = simulate(db, "--task", "medical-abstracts", "--sites", "4", "--rounds", "2",
+    _, rep = simulate(db, "--task", "medical-abstracts", "--sites", "4", "--rounds", "2", "--set", "train.mode=lora",
                       "--set", "data.max_train_per_site=24", "--set", "data.max_test_per_site=12",
                       "--set", "train.local_steps=2", "--set", "train.batch_size=8",
                       "--set", "lora.site_ranks=4,8,8,4", "--set", "lora.aggregation=exact")

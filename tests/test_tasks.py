@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 def small_cfg(task: Task, **flat) -> RunConfig:
     cfg = RunConfig()
-    cfg.update(task.defaults)
+    cfg.update(task.settings("lora"))
     cfg.update({"data.max_train_per_site": 16, "data.max_test_per_site": 8, **flat})
     return cfg.validate()
 

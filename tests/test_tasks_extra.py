@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 def small_cfg(task: Task, **flat) -> RunConfig:
     cfg = RunConfig()
-    cfg.update(task.defaults)
+    cfg.update(task.settings("lora"))
     cfg.update({"data.max_train_per_site": 8, "data.max_test_per_site": 6, "train.batch_size": 4, **flat})
     return cfg.validate()
 
@@ -63,7 +63,7 @@ def breast() -> Task:
 
 def test_breastmnist_sites_use_official_splits(breast):
     cfg = RunConfig()
-    cfg.update(breast.defaults)
+    cfg.update(breast.settings("lora"))
     splits = [breast.load_site(s, cfg) for s in breast.site_ids(cfg)]
     assert sum(len(s.train) for s in splits) == 546 and sum(len(s.test) for s in splits) == 156
     assert all(len(s.test) >= 4 for s in splits)
@@ -204,7 +204,7 @@ def _e2e(tmp_path, task: str, *sets: str) -> dict:
 
 @pytest.mark.e2e
 def test_breastmnist_two_rounds_with_dp(tmp_path):
-    rep = _e2e(tmp_path, "breastmnist", "data.max_train_per_site=16", "data.max_test_per_site=8",
+    rep = _e2e(tmp_path, "breastmnist", "train.mode=lora", "data.max_train_per_site=16", "data.max_test_per_site=8",
                "train.local_steps=2", "train.batch_size=4")
     assert {"accuracy", "balanced_accuracy"} <= set(rep["final"]["metrics"])
     assert set(rep["final"]["per_site"]) == {"site-0", "site-1"}

@@ -18,7 +18,7 @@ TASK = ma.MedicalAbstractsTask()
 
 
 def cfg_of(**sets) -> RunConfig:
-    flat = {**TASK.defaults, "task": TASK.name, "data.max_train_per_site": 8, "data.max_test_per_site": 4,
+    flat = {**TASK.settings("lora"), "task": TASK.name, "data.max_train_per_site": 8, "data.max_test_per_site": 4,
             "train.batch_size": 4, "lora.target_modules": "query"}
     return RunConfig.from_flat({**flat, **sets}).validate()
 
@@ -104,7 +104,7 @@ def test_evaluate_global_before_and_after_training():
 def breast_cfg(**sets) -> RunConfig:
     from fedcare.models.registry import get_task
 
-    flat = {**get_task("breastmnist").defaults, "task": "breastmnist", "data.max_train_per_site": 8,
+    flat = {**get_task("breastmnist").settings("head"), "task": "breastmnist", "data.max_train_per_site": 8,
             "data.max_test_per_site": 4, "train.batch_size": 4, "train.mode": "head"}
     return RunConfig.from_flat({**flat, **sets}).validate()
 
