@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -97,8 +97,8 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
 
     def __getattr__(self, name: str):
         # attributes of the wrapped strategy (min_train_nodes...) read through
-        if name in ("strategy", "__setstate__"):
-            raise AttributeError(name)
+        if name in ("strategy", "__setstate__") or name.startswith("aggregate"):
+            raise AttributeError(name)   # an aggregation read through would skip the clipping and noise
         return getattr(self.strategy, name)
 
     @property
@@ -128,6 +128,13 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
                 "client_noise_std": float(self.noise_multiplier * self.clipping_norm / len(copies)),
             }
         return arrays, metrics
+
+    def aggregate_states(self, server_round: int, updates: Sequence[tuple[Message, dict[str, np.ndarray]]]
+                         ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None]:
+        """The round loop's entry (as ``LoraAwareStrategy.aggregate_states``): clipped
+        and noised like ``aggregate_train``, from the replies themselves."""
+        arrays, metrics = self.aggregate_train(server_round, [m for m, _ in updates])
+        return (None if arrays is None else dict(from_array_record(arrays))), metrics
 
 
 def restore_releases(strategy: Strategy, stored_rounds: Iterable[dict]) -> None:
