@@ -117,6 +117,23 @@ class AuditConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (fedcare/secagg.py): the coordinator sees only the sum of the
+    sites' clipped, quantized, masked updates; distributed DP when epsilon or
+    noise_multiplier is set (Skellam noise added at each site, delta = dp.delta)."""
+
+    enabled: bool = False
+    clip: float = 1.0              # L2 norm each site clips its update (new - received) to
+    bits: int = 16                 # quantization bits per coordinate
+    threshold: int = 0             # shares to unmask (0 = degree // 2 + 1)
+    degree: int = 0                # neighbours per site (0 = all up to 16 sites, else ~4 log2 n)
+    weight_cap: int = 1024         # a site's weight is min(examples, cap) (1 under distributed DP)
+    min_sites_in_sum: int = 0      # fewest sites a released sum may hold (>= strategy.min_sites)
+    epsilon: float = 0.0           # distributed DP target over the run (0 = noise_multiplier)
+    noise_multiplier: float = 0.0  # total noise std / L2 sensitivity (0 with epsilon 0: no DP)
+
+
+@dataclass
 class RuntimeConfig:
     """Set by the fedcare CLI for one Flower run; not part of the stored experiment."""
 
@@ -140,6 +157,7 @@ class RunConfig:
     site: SiteConfig = field(default_factory=SiteConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ----------------------------------------------------------------- flat keys
@@ -262,6 +280,10 @@ class RunConfig:
              "faults.kind must be one of nan, shape, scale, sign, random, crash, hang")
         need(self.audit.canaries >= 0 and self.audit.guesses >= 0, "audit.canaries and audit.guesses must be >= 0")
         need(0 < self.audit.confidence < 1, "audit.confidence must be in (0, 1)")
+        need(self.secagg.epsilon >= 0 and self.secagg.noise_multiplier >= 0,
+             "secagg.epsilon and secagg.noise_multiplier must be >= 0")
+        need(self.secagg.enabled or not (self.secagg.epsilon or self.secagg.noise_multiplier),
+             "distributed DP (secagg.epsilon / secagg.noise_multiplier) needs secagg.enabled=true")
         need(self.audit.planted_bug in ("", "no_noise", "no_clip"), "audit.planted_bug must be '', no_noise or no_clip")
         return self
 
