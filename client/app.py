@@ -7,6 +7,7 @@ round goes on with the other sites.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcare import __version__, schemas as S
-from fedcare.errors import FedcareError, PolicyRefusal
+from fedcare.errors import FedcareError, PolicyRefusal, public_reason
 from fedcare.models.state import get_trainable_state, set_trainable_state, state_nbytes
 from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
@@ -27,7 +28,23 @@ log = logging.getLogger("fedcare.client")
 app = ClientApp()
 
 
+def _boundary(kind: str):
+    """The site's error boundary: whatever a handler raises that it did not refuse itself
+    (a bug, a library's error quoting the data) becomes a refusal with a fixed reason,
+    the details kept in the site's log and audit log."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as err:
+                return _refuse_unexpected(msg, context, kind, err)
+        return run
+    return wrap
+
+
 @app.train()
+@_boundary("train")
 def train(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     rnd = int(msg.content[S.CONFIG].get("server-round", 0))
@@ -54,8 +71,7 @@ def train(msg: Message, context: Context) -> Message:
             budget=_budget(site, policy), dataset_id=site.dataset_id,
         )
     except FedcareError as err:
-        _audit(site, policy, rnd, "train", "", 0, None, "refused", str(err))
-        return _refusal(msg, site, str(err), evaluation)
+        return _refuse(msg, site, policy, rnd, "train", err, evaluation)
 
     state = get_trainable_state(model)
     shared = _shared_part(site, state, context)
@@ -80,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_boundary("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     site = Site.from_context(context)
     rnd = int(msg.content[S.CONFIG].get("server-round", 0))
@@ -88,8 +105,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         split = site.split()
         _admit(site, policy, len(split.train))
     except FedcareError as err:
-        _audit(site, policy, rnd, "evaluate", "", 0, None, "refused", str(err))
-        return _refusal(msg, site, str(err))
+        return _refuse(msg, site, policy, rnd, "evaluate", err)
     metrics, fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
     info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg), **fields}
     return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
@@ -231,6 +247,33 @@ def _privacy_audit(site: Site, context: Context, split, model, rnd: int) -> dict
     from .privacy_audit import audit_final_round
 
     return audit_final_round(site, context, split, model, rnd)
+
+
+def _refuse(msg: Message, site: Site, policy, rnd: int, kind: str, err: BaseException,
+            evaluation: dict | None = None) -> Message:
+    """Refuse with ``public_reason(err)``: the full detail goes to the site's log and its
+    audit log, with the sha256 and size of the reason that was sent."""
+    public = public_reason(err)
+    detail = str(err) if isinstance(err, FedcareError) else f"{type(err).__name__}: {err}"
+    log.warning("site %s refused %s of round %s: %s", site.site_id, kind, rnd, detail,
+                exc_info=not isinstance(err, FedcareError))
+    sent = public.encode()
+    _audit(site, policy, rnd, kind, hashlib.sha256(sent).hexdigest(), len(sent), None, "refused", detail)
+    return _refusal(msg, site, public, evaluation)
+
+
+def _refuse_unexpected(msg: Message, context: Context, kind: str, err: Exception) -> Message:
+    """A refusal for what a handler raised, audited where the site can still be resolved."""
+    rnd = int(msg.content[S.CONFIG].get("server-round", 0)) if S.CONFIG in msg.content else 0
+    try:
+        site = Site.from_context(context)
+        policy = _policy(site)
+    except Exception:    # the site cannot even be resolved: no audit log to write
+        log.exception("a %s message could not be handled: %s", kind, err)
+        info = {S.SITE_ID: str(context.node_config.get("site-id", "")), S.STATUS: "refused",
+                S.REASON: public_reason(err), S.NONCE: _nonce(msg) if S.CONFIG in msg.content else ""}
+        return Message(RecordDict({S.SITE: ConfigRecord(info)}), reply_to=msg)
+    return _refuse(msg, site, policy, rnd, kind, err)
 
 
 def _refusal(msg: Message, site: Site, reason: str, evaluation: dict | None = None) -> Message:

@@ -12,8 +12,10 @@ import numpy as np
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
+from fedcare.models.fairness import suppressed_groups
 from fedcare.models.families import Prepared, prepare
-from fedcare.models.sitedata import Contract, describe, parse_features
+from fedcare.models.registry import get_task
+from fedcare.models.sitedata import Contract, Feature, describe, parse_features
 
 #: a preset's family and contract (its dataset.toml must describe that family)
 PRESETS = ("heart-disease", "medical-abstracts", "breastmnist")
@@ -35,26 +37,29 @@ def preset_contract(task: str) -> Contract | None:
     return None
 
 
-def check_folder(path: str, task: str | None, cfg: RunConfig, min_group_size: int) -> dict[str, Any]:
-    """Validate the folder and return the summary (DataError naming file/row if bad)."""
+def check_folder(path: str, task: str | None, cfg: RunConfig, min_group_size: int,
+                 mode: str | None = None) -> dict[str, Any]:
+    """Validate the folder as training reads it (every image decoded) and return the
+    summary (DataError naming file/row if bad). ``mode``: the run's train.mode (None: the
+    task's own), which decides what leaves the site."""
     desc = describe(path)
     family = {"heart-disease": "tabular", "medical-abstracts": "text", "breastmnist": "image"}.get(task or "", task)
     if family and family != desc.family:
         raise ConfigError(f"--task {task} reads a {family} dataset but {desc.path} describes family = \"{desc.family}\"")
     preset = preset_contract(task or "")
     if preset is None:   # no run yet: the description's own labels/features stand in for the contract
-        from fedcare.models.sitedata import Feature
-
         preset = Contract(labels=desc.labels, features=tuple(Feature(f) for f in desc.features))
     contract = Contract.from_config(cfg, preset)
-    prepared = prepare(desc, contract)
-    return summarise(prepared, min_group_size)
+    prepared = prepare(desc, contract, decode_all=True)
+    mode = mode or get_task(task or desc.family).settings()["train.mode"]
+    return summarise(prepared, min_group_size, mode)
 
 
-def summarise(p: Prepared, min_group_size: int) -> dict[str, Any]:
+def summarise(p: Prepared, min_group_size: int, mode: str = "lora") -> dict[str, Any]:
     lab, desc, names = p.labelled, p.desc, p.contract.labels
     out: dict[str, Any] = {
         "folder": str(desc.folder), "dataset_id": desc.dataset_id, "family": desc.family, "format": desc.format,
+        **({"layout": desc.layout} if desc.family == "image" else {}), "mode": mode,
         "files": list(desc.files) or sorted({n.split("/")[0] for n in lab.table.names}),
         "rows": {"train": int(len(lab.train)), "test": int(len(lab.test)), "dropped": int(lab.dropped)},
     }
@@ -70,33 +75,49 @@ def summarise(p: Prepared, min_group_size: int) -> dict[str, Any]:
         out["image_sizes"] = {"min": [int(s[:, 0].min()), int(s[:, 1].min())],
                               "max": [int(s[:, 0].max()), int(s[:, 1].max())],
                               "resized_to": p.contract.image_size, "colour": desc.colour}
+    if "value range" in facts:
+        v = facts["value range"]
+        out["value_range"] = {"ranges": {u: [lo, hi] for u, (lo, hi) in v["ranges"].items()},
+                              "window": list(v["window"]) if v["window"] else None}
     if "texts" in facts:
         chars = np.fromiter((len(str(t)) for t in facts["texts"]), dtype=np.int64, count=len(facts["texts"]))
         out["text_lengths"] = {"chars_min": int(chars.min()), "chars_median": int(np.median(chars)),
                                "chars_max": int(chars.max()), "tokens_kept": p.contract.text_length}
     out["groups"] = {}
-    for attr, values in lab.groups.items():
-        sizes = Counter(values[lab.test].tolist())
-        out["groups"][attr] = {g: {"test_rows": n, "suppressed": n < min_group_size} for g, n in sorted(sizes.items())}
+    for attr, values in lab.groups.items():   # suppressed as the run suppresses (complementary too)
+        sizes = dict(sorted(Counter(values[lab.test].tolist()).items()))
+        hidden = suppressed_groups(sizes, min_group_size)
+        out["groups"][attr] = {g: {"test_rows": n, "suppressed": g in hidden} for g, n in sizes.items()}
     out["min_group_size"] = min_group_size
-    out["leaves_the_site"] = leaves(p, min_group_size)
+    out["leaves_the_site"] = leaves(p, min_group_size, mode)
     return out
 
 
-def leaves(p: Prepared, min_group_size: int) -> str:
-    model = {"tabular": "the logistic-regression weights", "text": "the LoRA adapter and classifier head",
-             "image": "the LoRA adapter and classifier head",
-             "instruct": "the LoRA adapter"}[p.desc.family]
+#: what trains and leaves, per family and train.mode
+MODEL_PARTS = {"lora": "the LoRA adapter and classifier head", "head": "the classifier head alone (the frozen "
+               "encoder stays as shipped; no LoRA adapter)", "full": "all of the model's parameters"}
+
+
+def leaves(p: Prepared, min_group_size: int, mode: str = "lora") -> str:
+    if p.desc.family == "tabular":
+        model = "the logistic-regression weights"
+    elif p.desc.family == "instruct":
+        model = "the LoRA adapter" if mode == "lora" else MODEL_PARTS[mode]
+    else:
+        model = MODEL_PARTS[mode]
     return (f"Per round: {model} after local training (under DP-SGD when the run asks for it), the number of "
             f"training examples ({len(p.labelled.train)}), the mean training loss and the epsilon spent; "
             f"test metrics over {len(p.labelled.test)} test rows and per-group prediction counts for groups of "
-            f"at least {min_group_size} (smaller groups are suppressed). No record, text, image, feature value or "
+            f"at least {min_group_size} (smaller groups are suppressed, and with them the next smallest while "
+            "the suppressed ones could be worked out from the rest). No record, text, image, feature value or "
             "anything fit on the data (standardisation, vocabulary, class weights) leaves the site.")
 
 
 def render(summary: dict[str, Any]) -> str:
     s = summary
-    lines = [f"{s['folder']}: dataset {s['dataset_id']} ({s['family']}, {s['format']}: {', '.join(s['files'])})",
+    layout = f", layout {s['layout']}" if "layout" in s else ""
+    lines = [f"{s['folder']}: dataset {s['dataset_id']} ({s['family']}, {s['format']}{layout}: "
+             f"{', '.join(s['files'][:10])}{' ...' if len(s['files']) > 10 else ''})",
              f"rows: train {s['rows']['train']}, test {s['rows']['test']}"
              + (f", {s['rows']['dropped']} left out (missing value)" if s['rows']['dropped'] else "")]
     if "classes" in s:
@@ -110,6 +131,13 @@ def render(summary: dict[str, Any]) -> str:
         i = s["image_sizes"]
         lines.append(f"images: {i['colour']}, {i['min'][0]}x{i['min'][1]} to {i['max'][0]}x{i['max'][1]} pixels, "
                      f"resized to {i['resized_to']}x{i['resized_to']}")
+    if "value_range" in s:
+        v = s["value_range"]
+        window = (f"window center {v['window'][0]:g} width {v['window'][1]:g} (dataset.toml)" if v["window"]
+                  else "each file's own window (VOI LUT or WindowCenter/Width), else its value range")
+        lines += [f"values: {u} {lo:g}..{hi:g}, mapped to 0..1 by "
+                  f"{window if u != 'pixel values' else 'the bit depth'}"
+                  for u, (lo, hi) in v["ranges"].items()]
     if "text_lengths" in s:
         t = s["text_lengths"]
         what = "prompt" if s["family"] == "instruct" else "text"

@@ -84,7 +84,8 @@ def check(
     from .check import check_folder, render
 
     cfg = RunConfig().apply_sets(sets)
-    summary = check_folder(str(data.expanduser()), task, cfg, min_group_size or cfg.site.min_group_size)
+    mode = cfg.train.mode if any(s.split("=")[0].strip() == "train.mode" for s in sets) else None
+    summary = check_folder(str(data.expanduser()), task, cfg, min_group_size or cfg.site.min_group_size, mode)
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 

@@ -14,13 +14,14 @@ what the check reports is what trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fedcare.config import RunConfig
-from fedcare.errors import DataError
+from fedcare.errors import DataError, SiteProblem
 
 from .base import SiteSplit, Task
 from .breastmnist import BreastMnistTask
@@ -70,7 +71,8 @@ def _split(site_id: str, lab: Labelled, train: Dataset, test: Dataset) -> SiteSp
 def prepare_tabular(desc: Description, contract: Contract, site_id: str = "") -> Prepared:
     contract.need_labels("tabular")
     if not contract.features:
-        raise DataError("a tabular run needs data.features (the feature columns in order; the data contract)")
+        raise DataError("a tabular run needs data.features (the feature columns in order; the data contract)",
+                        problem=SiteProblem("contract", key="data.features"))
     local = {f.name: desc.features.get(f.name, f.name) for f in contract.features}
     table = read_table(desc, list(dict.fromkeys(list(local.values()) + columns_for(desc, "label"))))
     blocks, missing = [], {}
@@ -78,7 +80,7 @@ def prepare_tabular(desc: Description, contract: Contract, site_id: str = "") ->
         col = table.columns[local[f.name]]
         gone = is_missing(col)
         missing[local[f.name]] = int(gone.sum())
-        blocks.append(_encode_feature(f, local[f.name], col, gone, table))
+        blocks.append(_encode_feature(f, local[f.name], col, gone, table, desc.feature_values.get(f.name)))
     x = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(table), 0))
     keep = ~np.isnan(x).any(axis=1)
     lab = label_rows(desc, contract, table, keep)
@@ -95,8 +97,13 @@ def prepare_tabular(desc: Description, contract: Contract, site_id: str = "") ->
     return Prepared(desc, contract, lab, split, {"missing values": missing, "rows dropped (missing value)": lab.dropped})
 
 
-def _encode_feature(f, column: str, values: np.ndarray, gone: np.ndarray, table: Table) -> np.ndarray:
-    """[N, width] floats (NaN where the value is missing) of one contract feature."""
+def _encode_feature(f, column: str, values: np.ndarray, gone: np.ndarray, table: Table,
+                    codes: dict[str, str] | None = None) -> np.ndarray:
+    """[N, width] floats (NaN where the value is missing) of one contract feature; ``codes``:
+    this site's values mapped to the contract's levels ([features] in dataset.toml)."""
+    if codes:
+        distinct, inverse = np.unique(cells(values).astype(str), return_inverse=True)
+        values = np.asarray([codes.get(v, v) for v in distinct], dtype=object)[inverse]
     if not f.levels:
         try:
             return np.where(gone, np.nan, values).astype(np.float64)[:, None]
@@ -105,15 +112,18 @@ def _encode_feature(f, column: str, values: np.ndarray, gone: np.ndarray, table:
                 try:
                     float(v) if not gone[i] else None
                 except (TypeError, ValueError):
-                    raise DataError(f"{table.where(i)}: column {column!r} is {v!r}, not a number "
-                                    f"(feature {f.name} is numeric in the run's data contract)") from None
+                    raise DataError(f"{table.where(i)}: column {column!r} is {str(v)!r}, not a number "
+                                    f"(feature {f.name} is numeric in the run's data contract)",
+                                    problem=table.problem(i, "bad-value", column)) from None
             raise
     text = cells(values).astype(str)
     bad = np.flatnonzero(~gone & ~np.isin(text, f.levels))
     if len(bad):
         i = int(bad[0])
-        raise DataError(f"{table.where(i)}: column {column!r} is {text[i]!r}; feature {f.name} takes "
-                        f"{' | '.join(f.levels)} in the run's data contract")
+        raise DataError(f"{table.where(i)}: column {column!r} is {str(text[i])!r}; feature {f.name} takes "
+                        f"{' | '.join(f.levels)} in the run's data contract (map this site's codes to them "
+                        f"with [features] {f.name} = {{ column = \"{column}\", values = {{ ... }} }} in dataset.toml)",
+                        problem=table.problem(i, "bad-value", column))
     out = np.stack([(text == level).astype(np.float64) for level in f.levels[1:]], axis=1)
     out[gone] = np.nan
     return out
@@ -175,7 +185,8 @@ def read_texts(desc: Description, table: Table, role: str = "text") -> np.ndarra
     texts = table.columns[col]
     for i, t in enumerate(texts):
         if t is None or not str(t).strip():
-            raise DataError(f"{table.where(i)}: the {role} ({col}) is empty")
+            raise DataError(f"{table.where(i)}: the {role} ({col}) is empty",
+                            problem=table.problem(i, "empty-value", col))
     return texts
 
 
@@ -205,25 +216,40 @@ class TextTask(MedicalAbstractsTask):
 
 
 # ----------------------------------------------------------------------------- image
-def prepare_image(desc: Description, contract: Contract, site_id: str = "", headers: bool = True) -> Prepared:
-    from .images import ImageFiles, check_colour, image_table, read_header
+def prepare_image(desc: Description, contract: Contract, site_id: str = "", headers: bool = True,
+                  decode_all: bool = False) -> Prepared:
+    """``headers``: read every image's header (unreadable files and colour contradictions fail
+    here); ``decode_all`` (``fedcare site check``): decode every image as training will, and
+    report the range of values each format maps to [0, 1]."""
+    from .images import ImageFiles, check_colour, decode, image_table, read_header
 
     contract.need_labels("image")
     table, paths = image_table(desc)
     lab = label_rows(desc, contract, table)
-    check_unique(paths, table, "image file")
-    sizes = []
-    if headers:   # header only (no pixels): unreadable files and colour contradictions fail here
+    check_unique(paths, table, "image file", desc.column("file"))
+    root = desc.folder.resolve()
+    names = np.asarray([str(Path(p).relative_to(root)) for p in paths], dtype=object)   # what may leave
+    sizes, ranges = [], {}
+    if headers or decode_all:
         for i, p in enumerate(paths):
-            h = read_header(p, desc.format, table.where(i))
-            check_colour(h, desc.colour, p, table.where(i))
+            problem = SiteProblem("bad-dicom" if desc.format == "dicom" else "bad-image", names[i])
+            h = read_header(p, desc.format, table.where(i), problem)
+            check_colour(h, desc.colour, p, table.where(i), problem)
             sizes.append((h.width, h.height))
+            if decode_all:
+                d = decode(p, desc.format, desc.colour, desc.window, problem)
+                low, high = ranges.get(d.units, (d.low, d.high))
+                ranges[d.units] = (min(low, d.low), max(high, d.high))
 
     def files(idx: np.ndarray) -> ImageFiles:
-        return ImageFiles(paths[idx], lab.y[idx], desc.format, desc.colour, contract.image_size)
+        return ImageFiles(paths[idx], lab.y[idx], desc.format, desc.colour, contract.image_size, desc.window,
+                          names[idx])
 
     split = _split(site_id, lab, files(lab.train), files(lab.test))
-    return Prepared(desc, contract, lab, split, {"sizes": np.asarray(sizes).reshape(-1, 2)})
+    facts = {"sizes": np.asarray(sizes).reshape(-1, 2)}
+    if decode_all:
+        facts["value range"] = {"ranges": ranges, "window": desc.window}
+    return Prepared(desc, contract, lab, split, facts)
 
 
 class ImageTask(BreastMnistTask):
@@ -245,10 +271,13 @@ class ImageTask(BreastMnistTask):
 PREPARE = {"tabular": prepare_tabular, "text": prepare_text, "image": prepare_image}
 
 
-def prepare(desc: Description, contract: Contract, site_id: str = "") -> Prepared:
+def prepare(desc: Description, contract: Contract, site_id: str = "", decode_all: bool = False) -> Prepared:
+    """``decode_all``: also decode every image (``fedcare site check``), as training will."""
     if desc.family == "instruct":
         from .instruct import prepare_instruct
 
         return prepare_instruct(desc, contract, site_id)
+    if desc.family == "image":
+        return prepare_image(desc, contract, site_id, decode_all=decode_all)
     return PREPARE[desc.family](desc, contract, site_id)
 

@@ -71,14 +71,15 @@ def read_pairs(desc: Description) -> tuple:
             if len(turns) < 2 or turns[-1].get("role") != "assistant" or any(
                     not str(t.get("content") or "").strip() for t in turns):
                 raise DataError(f"{table.where(i)}: messages must be chat turns with non-empty content, "
-                                "the last one from the assistant")
+                                "the last one from the assistant", problem=table.problem(i, "bad-json", msg_col))
             prompts.append([{"role": t["role"], "content": t["content"]} for t in turns[:-1]])
             responses.append(turns[-1]["content"])
         else:
             p, r = table.columns[cols[0]][i], table.columns[cols[1]][i]
             for role, col, v in (("prompt", cols[0], p), ("response", cols[1], r)):
                 if v is None or not str(v).strip():
-                    raise DataError(f"{table.where(i)}: the {role} ({col}) is empty")
+                    raise DataError(f"{table.where(i)}: the {role} ({col}) is empty",
+                                    problem=table.problem(i, "empty-value", col))
             prompts.append(str(p))
             responses.append(str(r))
     return table, prompts, np.asarray(responses, dtype=object)

@@ -9,6 +9,8 @@ training split are computed from these readers at the site.
 """
 from __future__ import annotations
 
+import csv
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +19,27 @@ from typing import Any
 import numpy as np
 
 from fedcare.config import RunConfig
-from fedcare.errors import ConfigError, DataError
+from fedcare.errors import ConfigError, DataError, SiteProblem
 
 DESCRIPTION = "dataset.toml"
 FAMILIES = ("tabular", "text", "image", "instruct")
 TABLE_FORMATS = {"csv": ".csv", "parquet": ".parquet", "jsonl": ".jsonl"}
 IMAGE_FORMATS = ("png", "jpeg", "dicom")
 SPLITS = ("train", "test")
+LAYOUTS = ("class-folders", "table")
+
+#: every key dataset.toml may hold (a table's keys under its name; None: any key, e.g. a label value)
+SCHEMA: dict[str, Any] = {
+    "dataset_id": None, "family": None, "format": None, "files": None, "labels": None, "missing": None,
+    "colour": None, "color": None, "layout": None,
+    "columns": {"label": None, "text": None, "id": None, "split": None, "file": None, "images": None,
+                "prompt": None, "response": None, "messages": None},
+    "features": "any", "label_values": "any", "sensitive": "any",
+    "split": {"test_fraction": None, "seed": None, "column": None},
+    "window": {"center": None, "width": None},
+}
+SENSITIVE_KEYS = ("column", "bands", "values")
+FEATURE_KEYS = ("column", "values")
 
 
 # ----------------------------------------------------------------------------- contract
@@ -108,6 +124,7 @@ class Description:
     files: tuple[str, ...] = ()
     columns: dict[str, str] = field(default_factory=dict)     # role -> column (label, text, id, split, file...)
     features: dict[str, str] = field(default_factory=dict)    # contract feature -> column at this site
+    feature_values: dict[str, dict[str, str]] = field(default_factory=dict)  # feature -> {site code: level}
     labels: tuple[str, ...] = ()
     label_values: dict[str, str] = field(default_factory=dict)  # raw value -> label name
     sensitive: dict[str, Band] = field(default_factory=dict)
@@ -116,6 +133,18 @@ class Description:
     colour: str = "grey"
     layout: str = "class-folders"
     missing: tuple[str, ...] = ()
+    window: tuple[float, float] | None = None    # DICOM (center, width) when the files give none
+
+    def inside(self, name: str, what: str = "files") -> Path:
+        """``name`` (relative to the folder) resolved, symlinks followed; a DataError if it
+        leaves the folder (``..``, an absolute path, a link pointing elsewhere)."""
+        root = self.folder.resolve()
+        target = (root / str(name)).resolve()
+        if target != root and root not in target.parents:
+            raise DataError(f"{self.path}: {what} names {name}, which resolves to {target}, outside the site's "
+                            f"folder {root}; every file must be inside it",
+                            problem=SiteProblem("outside-folder", key=what))
+        return target
 
     @property
     def path(self) -> Path:
@@ -134,65 +163,110 @@ def describe(folder: str | Path) -> Description:
     folder = Path(folder)
     path = folder / DESCRIPTION
     if not path.is_file():
-        raise DataError(f"{folder} has no {DESCRIPTION}: describe the data in one (docs/data.md shows one per family)")
+        raise DataError(f"{folder} has no {DESCRIPTION}: describe the data in one (docs/data.md shows one per family)",
+                        problem=SiteProblem("missing-file", DESCRIPTION))
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise DataError(f"{path}: not valid TOML: {exc}") from None
+        raise DataError(f"{path}: not valid TOML: {exc}", problem=SiteProblem("description", DESCRIPTION)) from None
 
-    def bad(msg: str) -> DataError:
-        return DataError(f"{path}: {msg}")
+    def bad(msg: str, key: str) -> DataError:
+        return DataError(f"{path}: {msg}", problem=SiteProblem("description", DESCRIPTION, key=key))
 
+    check_schema(raw, bad)
     family, fmt = str(raw.get("family", "")), str(raw.get("format", "")).lower()
     if family not in FAMILIES:
-        raise bad(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        raise bad(f"family must be one of {', '.join(FAMILIES)}, got {family!r}", "family")
     allowed = IMAGE_FORMATS if family == "image" else tuple(TABLE_FORMATS)
     fmt = "jpeg" if fmt == "jpg" else fmt
     if fmt not in allowed:
-        raise bad(f"format for a {family} dataset must be one of {', '.join(allowed)}, got {fmt!r}")
+        raise bad(f"format for a {family} dataset must be one of {', '.join(allowed)}, "
+                  + (f"got {fmt!r}" if fmt else "but format is missing"), "format")
     if not str(raw.get("dataset_id", "")).strip():
-        raise bad("dataset_id is missing: a stable name for these records (the privacy ledger charges it)")
+        raise bad("dataset_id is missing: a stable name for these records (the privacy ledger charges it)",
+                  "dataset_id")
     split = raw.get("split", {})
     sensitive = {}
     for name, spec in raw.get("sensitive", {}).items():
         spec = {"column": spec} if isinstance(spec, str) else dict(spec)
+        _known_keys(spec, SENSITIVE_KEYS, f"sensitive.{name}", bad)
         edges = tuple(float(e) for e in spec.get("bands", ()))
         if list(edges) != sorted(edges):
-            raise bad(f"sensitive.{name}.bands must be increasing, got {list(edges)}")
+            raise bad(f"sensitive.{name}.bands must be increasing, got {list(edges)}", f"sensitive.{name}.bands")
         sensitive[name] = Band(str(spec.get("column", name)), edges,
                                tuple((str(k), str(v)) for k, v in spec.get("values", {}).items()))
+    features, feature_values = {}, {}
+    for name, spec in raw.get("features", {}).items():
+        spec = {"column": spec} if isinstance(spec, str) else dict(spec)
+        _known_keys(spec, FEATURE_KEYS, f"features.{name}", bad)
+        features[str(name)] = str(spec.get("column", name))
+        if "values" in spec:
+            feature_values[str(name)] = {_cell(k): str(v) for k, v in dict(spec["values"]).items()}
+    files = tuple(str(f) for f in raw.get("files", ()))
+    layout = str(raw.get("layout", "table" if family == "image" and files and fmt != "dicom" else "class-folders"))
+    window = raw.get("window")
     desc = Description(
         folder=path.parent, family=family, dataset_id=str(raw["dataset_id"]).strip(), format=fmt,
-        files=tuple(str(f) for f in raw.get("files", ())),
+        files=files,
         columns={str(k): str(v) for k, v in raw.get("columns", {}).items()},
-        features={str(k): str(v) for k, v in raw.get("features", {}).items()},
+        features=features, feature_values=feature_values,
         labels=tuple(str(x) for x in raw.get("labels", ())),
         label_values={_cell(k): str(v) for k, v in raw.get("label_values", {}).items()},
         sensitive=sensitive,
         test_fraction=float(split.get("test_fraction", 0.2)), seed=int(split.get("seed", 42)),
-        colour=str(raw.get("colour", raw.get("color", "grey"))), layout=str(raw.get("layout", "class-folders")),
+        colour=str(raw.get("colour", raw.get("color", "grey"))), layout=layout,
         missing=tuple(str(x) for x in raw.get("missing", ())),
+        window=(float(window["center"]), float(window["width"])) if window else None,
     )
     if "column" in split:
         desc.columns.setdefault("split", str(split["column"]))
     if desc.colour not in ("grey", "rgb"):
-        raise bad(f"colour must be grey or rgb, got {desc.colour!r}")
+        raise bad(f"colour must be grey or rgb, got {desc.colour!r}", "colour")
+    if family == "image" and layout not in LAYOUTS:
+        raise bad(f"layout must be {' or '.join(LAYOUTS)}, got {layout!r}", "layout")
+    if window is not None and not ({"center", "width"} <= set(window) and float(window["width"]) > 0):
+        raise bad("window needs center and width > 0 (in the modality's units, e.g. HU)", "window")
     if not 0 < desc.test_fraction < 1:
-        raise bad(f"split.test_fraction must be in (0, 1), got {desc.test_fraction}")
+        raise bad(f"split.test_fraction must be in (0, 1), got {desc.test_fraction}", "split.test_fraction")
     if family != "image" or desc.layout == "table" or fmt == "dicom":
         if not desc.files:
-            raise bad("files is missing: the table file(s) to read, e.g. files = [\"records.csv\"]")
+            raise bad("files is missing: the table file(s) to read, e.g. files = [\"records.csv\"]", "files")
         for f in desc.files:
-            if not (desc.folder / f).is_file():
-                raise bad(f"files names {f}, which is not in {desc.folder}")
+            if not desc.inside(f).is_file():
+                raise DataError(f"{path}: files names {f}, which is not in {desc.folder}",
+                                problem=SiteProblem("missing-file", key="files"))
+    elif "images" in desc.columns:
+        desc.inside(desc.columns["images"], "columns.images")
     return desc
+
+
+def check_schema(raw: dict, bad) -> None:
+    """Every key of dataset.toml is one docs/data.md describes (else: the closest known key)."""
+    _known_keys(raw, tuple(SCHEMA), "", bad)
+    for key, sub in SCHEMA.items():
+        if isinstance(sub, dict) and key in raw:
+            if not isinstance(raw[key], dict):
+                raise bad(f"{key} must be a table ([{key}]), got {type(raw[key]).__name__}", key)
+            _known_keys(raw[key], tuple(sub), key, bad)
+
+
+def _known_keys(table: dict, known: tuple[str, ...], where: str, bad) -> None:
+    for key in table:
+        if key not in known:
+            name = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(known)}"
+            # the key that leaves is a known one (the unknown key itself is the site's text)
+            raise bad(f"unknown key {name}; {hint} (docs/data.md lists every key)",
+                      where or (close[0] if close else ""))
 
 
 def check_labels(desc: Description, contract: Contract) -> None:
     """The description's own label list, if it gives one, must be the run's (names and order)."""
     if desc.labels and contract.labels and desc.labels != contract.labels:
         raise DataError(f"{desc.path}: labels {list(desc.labels)} differ from the run's data contract "
-                        f"{list(contract.labels)} (names and order must match)")
+                        f"{list(contract.labels)} (names and order must match)",
+                        problem=SiteProblem("contract", DESCRIPTION, key="labels"))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -202,38 +276,68 @@ class Table:
 
     columns: dict[str, np.ndarray]
     file: np.ndarray      # index into ``names`` per row
-    row: np.ndarray       # 1-based row within its file
+    row: np.ndarray       # 1-based row (record) within its file
     names: tuple[str, ...]
+    folder: Path | None = None    # where ``names`` are (to find a CSV record's line)
 
     def __len__(self) -> int:
         return len(self.file)
 
+    def line(self, i: int) -> int:
+        """The 1-based line of the file where row ``i`` starts (0: a file per row). A CSV
+        record may span lines (a quoted field with line breaks); a JSONL file may hold
+        blank lines; a Parquet file has rows, not lines (its row number)."""
+        name, row = self.names[self.file[i]], int(self.row[i])
+        if row == 0 or self.folder is None or not name.endswith((".csv", ".jsonl")):
+            return row
+        starts = _record_lines(self.folder / name, name.endswith(".csv"))
+        return starts[row - 1] if row - 1 < len(starts) else row
+
     def where(self, i: int) -> str:
-        name = self.names[self.file[i]]
-        if self.row[i] == 0:    # one row per file (an image in a class folder)
+        name, line = self.names[self.file[i]], self.line(i)
+        if line == 0:    # one row per file (an image in a class folder)
             return name
-        if name.endswith(".csv"):     # the header is line 1
-            return f"{name} line {self.row[i] + 1}"
-        return f"{name} line {self.row[i]}" if name.endswith(".jsonl") else f"{name} row {self.row[i]}"
+        return f"{name} line {line}" if name.endswith((".csv", ".jsonl")) else f"{name} row {line}"
+
+    def problem(self, i: int, kind: str, column: str = "") -> SiteProblem:
+        """Row ``i``'s problem in words that may leave the site."""
+        return SiteProblem(kind, self.names[self.file[i]], self.line(i), column)
+
+
+def _record_lines(path: Path, is_csv: bool) -> list[int]:
+    """The line on which each data record of a CSV (after its header) or JSONL file starts."""
+    starts = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        if not is_csv:
+            return [n for n, text in enumerate(fh, 1) if text.strip()]
+        reader, last, header = csv.reader(fh), 0, False
+        for record in reader:
+            if record:    # pyarrow skips blank lines too
+                if header:
+                    starts.append(last + 1)
+                header = True
+            last = reader.line_num
+    return starts
 
 
 def read_table(desc: Description, columns: list[str], fmt: str = "") -> Table:
     """The named columns of every file of ``desc`` (each must have all of them)."""
     parts, files, rows = {c: [] for c in columns}, [], []
     for k, name in enumerate(desc.files):
-        table = _read_file(desc, desc.folder / name, columns, fmt or desc.format)
+        table = _read_file(desc, name, columns, fmt or desc.format)
         for c in columns:
             parts[c].append(table.column(c).to_numpy(zero_copy_only=False))
         files.append(np.full(table.num_rows, k, dtype=np.int32))
         rows.append(np.arange(1, table.num_rows + 1, dtype=np.int64))
     cat = {c: (np.concatenate(v) if v else np.zeros(0, dtype=object)) for c, v in parts.items()}
-    return Table(cat, np.concatenate(files), np.concatenate(rows), desc.files)
+    return Table(cat, np.concatenate(files), np.concatenate(rows), desc.files, desc.folder)
 
 
-def _read_file(desc: Description, path: Path, columns: list[str], file_format: str):
+def _read_file(desc: Description, name: str, columns: list[str], file_format: str):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
+    path = desc.inside(name)
     fmt = {"csv": "csv", "parquet": "parquet", "jsonl": "json"}[file_format]
     try:
         if fmt == "csv":
@@ -245,8 +349,9 @@ def _read_file(desc: Description, path: Path, columns: list[str], file_format: s
         dataset = ds.dataset(str(path), format=fmt)
         missing = [c for c in columns if c not in dataset.schema.names]
         if missing:
-            raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} (dataset.toml names it); "
-                            f"the file has {', '.join(dataset.schema.names)}")
+            raise DataError(f"{path}: no column {', '.join(repr(c) for c in missing)} ({named_by(desc, missing[0])}); "
+                            f"the file has {', '.join(dataset.schema.names)}",
+                            problem=SiteProblem("missing-column", name, column=missing[0]))
         table = dataset.to_table(columns=columns)   # scanned in batches, only these columns
         if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):
             raise pa.ArrowInvalid("a column holds bytes that are not UTF-8 text")
@@ -254,9 +359,18 @@ def _read_file(desc: Description, path: Path, columns: list[str], file_format: s
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         line = first_bad_utf8_line(path) if file_format in ("csv", "jsonl") else None
         if line:
-            raise DataError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8") from None
+            raise DataError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8",
+                            problem=SiteProblem("not-utf8", name, line)) from None
+        kind = "bad-json" if file_format == "jsonl" else "unreadable-table"
         raise DataError(f"{path}: cannot read it as {file_format} (as dataset.toml describes it): "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{str(exc).splitlines()[0]}", problem=SiteProblem(kind, name)) from None
+
+
+def named_by(desc: Description, column: str) -> str:
+    """Who names ``column``: dataset.toml, or the run's data contract (a feature or role by default)."""
+    named = set(desc.columns.values()) | set(desc.features.values()) | {b.column for b in desc.sensitive.values()}
+    return "dataset.toml names it" if column in named else "the run's data contract names it; map it to " \
+        "this site's column in dataset.toml"
 
 
 def first_bad_utf8_line(path: Path) -> int | None:
@@ -316,10 +430,12 @@ def label_rows(desc: Description, contract: Contract, table: Table, keep: np.nda
     y = codes[inverse]
     if (y < 0).any():
         i = int(np.flatnonzero(y < 0)[0])
+        col = desc.column("label", "label")
         if not text[i]:
-            raise DataError(f"{table.where(i)}: the label ({desc.column('label', 'label')}) is empty")
-        raise DataError(f"{table.where(i)}: unknown label {text[i]!r}; the run's labels are {', '.join(names)}"
-                        + (" (map values to names with [label_values] in dataset.toml)" if names else ""))
+            raise DataError(f"{table.where(i)}: the label ({col}) is empty", problem=table.problem(i, "empty-value", col))
+        raise DataError(f"{table.where(i)}: unknown label {str(text[i])!r}; the run's labels are {', '.join(names)}"
+                        + (" (map values to names with [label_values] in dataset.toml)" if names else ""),
+                        problem=table.problem(i, "unknown-label", col))
     return finish(desc, table, y, keep)
 
 
@@ -327,15 +443,15 @@ def finish(desc: Description, table: Table, y: np.ndarray, keep: np.ndarray | No
     """Duplicate ids, the train/test split and sensitive groups of labelled rows."""
     id_col = desc.column("id")
     if id_col:
-        check_unique(table.columns[id_col], table, f"id column {id_col!r}")
+        check_unique(table.columns[id_col], table, f"id column {id_col!r}", id_col)
     rows = np.arange(len(table)) if keep is None else np.flatnonzero(keep)
     split_col = desc.column("split")
     if split_col:
         values = np.char.lower(np.char.strip(cells(table.columns[split_col]).astype(str)))
         bad = np.flatnonzero(~np.isin(values, SPLITS))
         if len(bad):
-            raise DataError(f"{table.where(bad[0])}: split column {split_col!r} is {values[bad[0]]!r}; "
-                            "use train or test")
+            raise DataError(f"{table.where(bad[0])}: split column {split_col!r} is {str(values[bad[0]])!r}; "
+                            "use train or test", problem=table.problem(bad[0], "bad-split", split_col))
         train, test = rows[values[rows] == "train"], rows[values[rows] == "test"]
     else:
         train, test = seeded_split(y[rows], desc.test_fraction, desc.seed)
@@ -343,12 +459,13 @@ def finish(desc: Description, table: Table, y: np.ndarray, keep: np.ndarray | No
     for name, idx in (("train", train), ("test", test)):
         if len(idx) == 0:
             raise DataError(f"{desc.folder}: the {name} split is empty ({len(rows)} usable rows in "
-                            f"{', '.join(table.names)}); give it rows or change [split]")
+                            f"{', '.join(table.names[:5])}); give it rows or change [split]",
+                            problem=SiteProblem("empty-split", key="split"))
     groups = {attr: band.group(table.columns[band.column]) for attr, band in desc.sensitive.items()}
     return Labelled(table, y, train, test, groups, dropped=len(table) - len(rows))
 
 
-def check_unique(values: np.ndarray, table: Table, what: str) -> None:
+def check_unique(values: np.ndarray, table: Table, what: str, column: str = "") -> None:
     import pandas as pd
 
     keys = pd.Series(cells(values))
@@ -356,7 +473,8 @@ def check_unique(values: np.ndarray, table: Table, what: str) -> None:
     if len(dup):
         i = int(dup[0])
         first = int(np.flatnonzero((keys == keys[i]).to_numpy())[0])
-        raise DataError(f"{table.where(i)}: duplicate {what} value {keys[i]!r} (also at {table.where(first)})")
+        raise DataError(f"{table.where(i)}: duplicate {what} value {str(keys[i])!r} (also at {table.where(first)})",
+                        problem=table.problem(i, "duplicate", column))
 
 
 def seeded_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,8 +60,8 @@ def test_text_site_with_unknown_label_is_refused_and_others_go_on(tmp_path):
     sites = {s["site"]: s for s in rep["rounds"][0]["sites"]}
     assert sites["hospital-a"]["accepted"] and sites["hospital-c"]["accepted"]
     assert not sites["hospital-b"]["accepted"]
-    reason = json.dumps(sites["hospital-b"])
-    assert "notes.jsonl line 3" in reason and "oncology" in reason
+    reason = json.dumps(sites["hospital-b"])   # where, never the value (the site's log has it)
+    assert "notes.jsonl line 3, column label" in reason and "unknown-label" in reason and "oncology" not in reason
 
 
 def test_medical_abstracts_preset_on_sites_own_folders(tmp_path):

@@ -45,8 +45,9 @@ def test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains(tmp_pat
                   node_config={"site-id": "cleveland", "data-path": str(data),
                                "ledger": str(tmp_path / "ledger.db"), "audit": str(tmp_path / "audit.jsonl")})
     bad = Message(RecordDict({S.CONFIG: ConfigRecord({"server-round": 1})}), dst_node_id=11, message_type="train")
-    reply, reason = handle(bad, ctx)       # no global model in it
-    assert reply.has_error() and reason and reply.metadata.reply_to_message_id == bad.metadata.message_id
+    reply, reason = handle(bad, ctx)       # no global model in it: refused with a fixed sentence (errors.py)
+    assert not reply.has_error() and reply.metadata.reply_to_message_id == bad.metadata.message_id
+    assert reply.content[S.SITE][S.STATUS] == "refused" and "unexpected error" in reply.content[S.SITE][S.REASON]
 
     state = initial_state(cfg)
     good = Message(RecordDict({S.ARRAYS: to_array_record(state), S.CONFIG: ConfigRecord({"server-round": 1})}),
@@ -57,7 +58,7 @@ def test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains(tmp_pat
     new = from_array_record(reply.content[S.ARRAYS])
     assert any(not np.allclose(new[k], state[k]) for k in state)
     entries = [e for e in AuditLog(tmp_path / "audit.jsonl").entries() if e["run_id"] == "run-executor-test"]
-    assert [(e["kind"], e["decision"]) for e in entries] == [("train", "sent")]
+    assert [(e["kind"], e["decision"]) for e in entries] == [("train", "refused"), ("train", "sent")]
 
 
 @pytest.mark.e2e
