@@ -56,9 +56,9 @@ def train(msg: Message, context: Context) -> Message:
         _admit(site, policy, len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
+        _remember(site, policy, rnd, msg)
         if msg.content[S.CONFIG].get(S.EVALUATE_FIRST):   # the last round's model, before training on
-            metrics, evaluation = _evaluation(site, policy, model, split, msg, context, rnd - 1)
-            evaluation[S.METRICS_JSON] = json.dumps(metrics)
+            evaluation = _riding_evaluation(site, policy, model, split, msg, context, rnd - 1)
         split = _with_canaries(site, context, split)
         received = _load_global(site, model, msg, context)
         from .ledger import SiteLedger
@@ -89,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         info[S.LORA_RANK] = site.lora_rank
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
+    _remember(site, policy, rnd, None)
     records = {S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}
     if evaluation is not None:
         records[S.EVALUATION] = ConfigRecord(evaluation)
@@ -106,7 +107,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         _admit(site, policy, len(split.train))
     except FedcareError as err:
         return _refuse(msg, site, policy, rnd, "evaluate", err)
-    metrics, fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
+    try:
+        metrics, fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
+    except FedcareError as err:
+        return _refuse(msg, site, policy, rnd, "evaluate", err)
     info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg), **fields}
     return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
 
@@ -116,29 +120,80 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
     """The global model of ``msg`` evaluated on the site's test split: (metrics with the
     example count, the JSON fields an evaluation carries: per-group counts as the policy
     allows, the personalised model's metrics, the privacy audit after the last round),
-    recorded in the site's audit log as sent for round ``rnd``. ``model`` is left with
-    whatever state it was evaluated in; the caller loads what it needs next."""
+    recorded in the site's audit log as sent for round ``rnd``. Under a policy's noised
+    release (client/release.py) only what noisy counts give leaves, charged to the
+    ledger first; a refusal raises ``PolicyRefusal``. ``model`` is left with whatever
+    state it was evaluated in; the caller loads what it needs next."""
     from fedcare.models.fairness import site_counts
 
+    from . import release
+
+    rules = release.Rules.of(policy, site.cfg.site.min_group_size)
+    noised = rules is not None and rules.release != "exact"
+    run_id = site.cfg.runtime.run_id
+    if noised:
+        state = _release_state(site)
+        digest = _digest(from_array_record(msg.content[S.ARRAYS]))
+        release.admit(rules, state, run_id, rnd, digest, len(split.test))
     _load_global(site, model, msg, context, personal=False)
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
-    metrics = site.task.metrics(scores, labels)
+    metrics = {S.NUM_EXAMPLES: len(labels), **site.task.metrics(scores, labels)}  # also drains a task's extras
     fields: dict[str, str] = {}
     audit = _privacy_audit(site, context, split, model, rnd)
     if audit is not None:
         fields[S.AUDIT_JSON] = json.dumps(audit)
     fairness = None
-    if policy is None or policy.send_group_counts:
+    if noised:
+        from .ledger import SiteLedger
+
+        z = release.noise_multiplier(rules.epsilon, rules.delta)
+        ledger = SiteLedger(site.ledger_path) if site.ledger_path else None
+        release.charge(rules, ledger, site.dataset_id, run_id, rnd, z)
+        state.remember_evaluation(run_id, rnd, digest)
+        metrics, fairness = release.noised_release(scores, labels, split.groups, rules, z, site.site_id)
+    elif policy is None or policy.send_group_counts:
         min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0))
         fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
+    if fairness is not None:
         fields[S.FAIRNESS_JSON] = json.dumps(fairness)
-    if site.cfg.lora.personalize and _personal_state(context):
+    if not noised and site.cfg.lora.personalize and _personal_state(context):   # not derivable from noised counts
         _load_global(site, model, msg, context, personal=True)
         ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
         fields[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
     payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
     _audit(site, policy, rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
-    return {S.NUM_EXAMPLES: len(labels), **metrics}, fields
+    return metrics, fields
+
+
+def _riding_evaluation(site: Site, policy, model, split, msg: Message, context: Context,
+                       rnd: int) -> dict[str, str] | None:
+    """The evaluation a train reply carries, or None when the site refuses it (audited;
+    the training goes on)."""
+    try:
+        metrics, evaluation = _evaluation(site, policy, model, split, msg, context, rnd)
+    except FedcareError as err:
+        _audit(site, policy, rnd, "evaluate", "", 0, None, "refused", str(err))
+        return None
+    evaluation[S.METRICS_JSON] = json.dumps(metrics)
+    return evaluation
+
+
+def _release_state(site: Site):
+    from .release import ReleaseState
+
+    return ReleaseState.beside(site.ledger_path or site.audit_path, site.site_id)
+
+
+def _remember(site: Site, policy, rnd: int, msg: Message | None) -> None:
+    """At a site with a policy: the global state ``msg`` brings for training (None: that
+    the site sent its update of round ``rnd``), for evaluate_only_known_models."""
+    state = _release_state(site) if policy is not None else None
+    if state is None:
+        return
+    if msg is None:
+        state.remember_trained(site.cfg.runtime.run_id, rnd)
+    else:
+        state.remember_model(site.cfg.runtime.run_id, rnd, _digest(from_array_record(msg.content[S.ARRAYS])))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -21,6 +21,14 @@ The policy is a TOML file owned by the site (never sent by the server)::
     [evaluation]
     send_group_counts = true     # false: evaluation replies carry no per-group counts
     min_group_size = 0           # suppress groups smaller than this (the run's value if higher)
+    release = "noised"           # noised: counts with Gaussian noise, charged to the ledger
+                                 # (client/release.py); exact: as computed; none: refuse evaluations
+    evaluation_epsilon = 1.0     # epsilon of one noised evaluation (at the site's delta)
+    max_evaluation_epsilon_per_run = 5.0   # refuse evaluations past this run's evaluation epsilon
+    max_evaluations_per_run = 10 # refuse evaluations past this many in one run (0 = no limit)
+    min_cell_size = 10           # refuse if the test split is smaller; suppress smaller groups
+    evaluate_only_known_models = true   # evaluate only a model received for training in this
+                                        # run, or a round's aggregate once after training in it
 
 The policy is checked for every message kind (train, evaluate); a refusal is a normal
 reply with the reason. Fault injection (``faults.*``) is refused at every deployed site.
@@ -44,7 +52,9 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "data": {"min_local_examples": int},
     "code": {"allowed_tasks": list, "allowed_base_models": list,
              "allowed_fedcare_versions": list, "allowed_fab_hashes": list},
-    "evaluation": {"send_group_counts": bool, "min_group_size": int},
+    "evaluation": {"send_group_counts": bool, "min_group_size": int, "release": str,
+                   "evaluation_epsilon": float, "max_evaluation_epsilon_per_run": float,
+                   "max_evaluations_per_run": int, "min_cell_size": int, "evaluate_only_known_models": bool},
 }
 
 
@@ -64,6 +74,12 @@ class SitePolicy:
     allowed_fab_hashes: tuple[str, ...] = field(default=())
     send_group_counts: bool = True
     min_group_size: int = 0
+    release: str = "noised"
+    evaluation_epsilon: float = 1.0
+    max_evaluation_epsilon_per_run: float = 5.0
+    max_evaluations_per_run: int = 10
+    min_cell_size: int = 10
+    evaluate_only_known_models: bool = True
 
     # ------------------------------------------------------------------- loading
     @classmethod
@@ -143,9 +159,12 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
                                   f"known: {', '.join(_SECTIONS[section])}")
             out[key] = _coerce(path, f"{section}.{key}", raw, typ)
     for key in ("epsilon_cap", "max_epsilon_per_run", "min_noise_multiplier", "min_local_examples",
-                "min_group_size"):
+                "min_group_size", "evaluation_epsilon", "max_evaluation_epsilon_per_run",
+                "max_evaluations_per_run", "min_cell_size"):
         if out.get(key, 0) < 0:
             raise ConfigError(f"site policy {path}: {key} must be >= 0")
+    if out.get("release", "noised") not in ("noised", "exact", "none"):
+        raise ConfigError(f"site policy {path}: evaluation.release must be noised, exact or none")
     return out
 
 
@@ -163,6 +182,10 @@ def _coerce(path: Path, key: str, raw: Any, typ: type) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             raise bad
         return float(raw)
+    if typ is str:
+        if not isinstance(raw, str):
+            raise bad
+        return raw
     if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
         raise ConfigError(f"site policy {path}: {key} expects a list of strings, got {raw!r}")
     return tuple(raw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -188,6 +189,24 @@ def workdir_for(run_id: str) -> Path:
 
 def stop(proc: subprocess.Popen) -> None:
     _stop(proc)
+
+
+def stop_flower_run(env: dict[str, str], connection: str, log_path: Path, timeout: float = 30.0) -> bool:
+    """Ask the SuperLink to stop the Flower run that ``flwr run`` (logging to
+    ``log_path``) started, so its ServerApp does not go on without the coordinator's
+    command; False when the log names no run or ``flwr stop`` fails."""
+    try:
+        found = re.search(r"Successfully started run (\d+)", Path(log_path).read_text(errors="replace"))
+    except OSError:
+        return False
+    if not found:
+        return False
+    try:
+        done = subprocess.run([shutil.which("flwr") or "flwr", "stop", found.group(1), connection], env=env,
+                              cwd=str(app_dir()), capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 

@@ -8,6 +8,7 @@ continues a run whose ServerApp or SuperLink died, from its last committed round
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -84,7 +85,7 @@ def connection(flwr_home: Path) -> dict:
 
 def launch(cfg, store, run_id: str, flwr_home: Path, quiet: bool) -> str:
     """Submit the run to the deployed SuperLink and follow it in the store."""
-    from fedcare.flower import flwr_env, flwr_run, stop, workdir_for
+    from fedcare.flower import flwr_env, flwr_run, stop, stop_flower_run, workdir_for
     from fedcare.launch import follow
 
     from .deploy import CONNECTION, SITES_FILE
@@ -94,12 +95,17 @@ def launch(cfg, store, run_id: str, flwr_home: Path, quiet: bool) -> str:
     work = workdir_for(run_id)
     log_path = work / f"flwr-run-from-round-{store.last_round(run_id) + 1}.log"
     proc = flwr_run(cfg, flwr_env(flwr_home), CONNECTION, log_path)
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops the run as Ctrl-C does
     try:
         status = follow(store, run_id, cfg, proc, log_path, quiet=quiet)
     except KeyboardInterrupt:
+        stop_flower_run(flwr_env(flwr_home), CONNECTION, log_path)   # its ServerApp too, not only `flwr run`
+        stop(proc)
         store.set_status(run_id, "interrupted", "stopped by the user; `fedcare server resume` continues it")
+        store.add_event(run_id, "interrupted", "stopped by the user (Ctrl-C or SIGTERM)")
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         stop(proc)
     run = store.get_run(run_id)
     if status != "completed":
@@ -109,6 +115,10 @@ def launch(cfg, store, run_id: str, flwr_home: Path, quiet: bool) -> str:
     typer.echo(f"run {run_id} completed: {store.last_round(run_id)} rounds stored in {cfg.runtime.db}")
     typer.echo(f"report:    fedcare report {run_id} --db {cfg.runtime.db} --json")
     return status
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @server_app.command("run")

@@ -58,6 +58,7 @@ class Federation:
         self.identities = Identities.from_file(cfg.runtime.sites_file)
         self.latency: dict[int, float] = {}     # node -> seconds from push to reply, last exchange
         self.transfer: dict[str, float] = {}    # seconds pushing / pulling, last exchange
+        self.accepted_updates = 0               # over the rounds this process ran
         self.task = get_task(cfg.task)
         self.strategy = build_strategy(cfg, self.task)
         if cfg.dp.level == "client":
@@ -85,6 +86,11 @@ class Federation:
         self.expected = {k: (v.shape, str(v.dtype)) for k, v in self._shared(state).items()}
         for rnd in range(start, cfg.rounds + 1):
             state = self.round(rnd, state)
+        if start <= cfg.rounds and not self.accepted_updates:   # nothing was trained: not a completed run
+            msg = f"no site sent an accepted update in rounds {start}-{cfg.rounds} (every site refused or failed)"
+            store.set_status(self.run_id, "failed", msg)
+            store.add_event(self.run_id, "failed", msg)
+            return
         store.set_status(self.run_id, "completed")
         store.add_event(self.run_id, "completed", f"{cfg.rounds} rounds")
 
@@ -107,6 +113,7 @@ class Federation:
             if s.node_id in self.latency:
                 s.metrics["latency_s"] = self.latency[s.node_id]
         metrics: dict[str, float] = {"sites_accepted": float(len(accepted)), **self.transfer}
+        self.accepted_updates += len(accepted)
         if len(accepted) >= cfg.strategy.min_sites:
             new, agg_metrics = self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
             if new is not None:
@@ -124,7 +131,7 @@ class Federation:
                                  f"round {rnd}: {len(accepted)} accepted updates < strategy.min_sites={cfg.strategy.min_sites}; global model unchanged")
         evaluations, fairness = [], None
         if not cfg.strategy.evaluate_with_train or rnd == cfg.rounds:   # else: in the next round's messages
-            evaluations, fairness = self._evaluate(rnd, state)
+            evaluations, fairness = self._evaluate(rnd, state, {s.node_id for s in sites if s.status == S.REFUSED})
         record = S.RoundRecord(round=rnd, started_at=t0, ended_at=time.time(), metrics=metrics, sites=sites,
                                evaluations=evaluations, global_state=state, fairness=fairness)
         self.store.write_round(self.run_id, record)
@@ -238,11 +245,13 @@ class Federation:
         update_of = {u.site: u for u in ok}
         return sites, [update_of[s] for s in accepted]
 
-    def _evaluate(self, rnd: int, state: dict[str, np.ndarray]):
-        """Round ``rnd``'s global model evaluated by the sites, in evaluate messages."""
+    def _evaluate(self, rnd: int, state: dict[str, np.ndarray], refused: set[int] = frozenset()):
+        """Round ``rnd``'s global model evaluated by the sites, in evaluate messages; a
+        site that refused to train in the round is not asked (``refused``: its nodes)."""
         nonce = secrets.token_hex(16)
-        msgs = list(self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
-                                                     ConfigRecord({S.NONCE: nonce}), self.grid))
+        msgs = [m for m in self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
+                                                            ConfigRecord({S.NONCE: nonce}), self.grid)
+                if m.metadata.dst_node_id not in refused]
         replies = self._send_and_collect(msgs, self.cfg.strategy.round_timeout)
         return self._summarise(rnd, self._parse(msgs, replies, "evaluate", nonce))
 
