@@ -87,6 +87,8 @@ def train(msg: Message, context: Context) -> Message:
         info[S.PRIVACY_JSON] = json.dumps(outcome.privacy)
     if site.lora_rank:
         info[S.LORA_RANK] = site.lora_rank
+    if site.worker:
+        info[S.WORKER] = site.worker
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
     _remember(site, policy, rnd, None)

@@ -8,6 +8,8 @@ The policy is a TOML file owned by the site (never sent by the server)::
     min_noise_multiplier = 0.8   # refuse weaker noise (0 = no limit)
     require_dp = true            # refuse runs without DP (sample- or client-level)
     require_client_level_dp = false
+    require_secure_aggregation = false   # refuse runs without secure aggregation
+    min_sites_in_sum = 0         # secure aggregation: never help unmask a sum of fewer sites
 
     [data]
     min_local_examples = 20      # refuse if the site has fewer training examples
@@ -48,7 +50,8 @@ from fedcare.errors import ConfigError, PolicyRefusal
 
 _SECTIONS: dict[str, dict[str, type]] = {
     "privacy": {"epsilon_cap": float, "max_epsilon_per_run": float, "min_noise_multiplier": float,
-                "require_dp": bool, "require_client_level_dp": bool},
+                "require_dp": bool, "require_client_level_dp": bool,
+                "require_secure_aggregation": bool, "min_sites_in_sum": int},
     "data": {"min_local_examples": int},
     "code": {"allowed_tasks": list, "allowed_base_models": list,
              "allowed_fedcare_versions": list, "allowed_fab_hashes": list},
@@ -67,6 +70,8 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     require_dp: bool = False
     require_client_level_dp: bool = False
+    require_secure_aggregation: bool = False   # refuse runs whose updates the coordinator would see
+    min_sites_in_sum: int = 0      # secure aggregation: refuse to unmask a sum of fewer sites
     min_local_examples: int = 0
     allowed_tasks: tuple[str, ...] = ()
     allowed_base_models: tuple[str, ...] = ()
@@ -122,6 +127,8 @@ class SitePolicy:
             refuse(f"client-level DP is required (dp.level=client), the run has dp.level={level}")
         if self.require_dp and level == "none":
             refuse("differential privacy is required, the run has dp.level=none")
+        if self.require_secure_aggregation and not cfg.secagg.enabled:
+            refuse("secure aggregation is required (secagg.enabled=true); the run sends updates in the clear")
         if level != "sample" or not (self.min_noise_multiplier or self.max_epsilon_per_run or self.epsilon_cap):
             return
         from .privacy import plan_round
@@ -158,7 +165,7 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
                 raise ConfigError(f"site policy {path}: unknown key '{key}' in [{section}]; "
                                   f"known: {', '.join(_SECTIONS[section])}")
             out[key] = _coerce(path, f"{section}.{key}", raw, typ)
-    for key in ("epsilon_cap", "max_epsilon_per_run", "min_noise_multiplier", "min_local_examples",
+    for key in ("epsilon_cap", "max_epsilon_per_run", "min_noise_multiplier", "min_local_examples", "min_sites_in_sum",
                 "min_group_size", "evaluation_epsilon", "max_evaluation_epsilon_per_run",
                 "max_evaluations_per_run", "min_cell_size"):
         if out.get(key, 0) < 0:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +125,19 @@ class Site:
 
     @property
     def device(self) -> torch.device:
+        """CUDA when this process sees a GPU: in simulation, only when Ray assigned the
+        site a share of one (Ray hides the GPUs from a worker given none)."""
         return pick_device()
+
+    @property
+    def worker(self) -> str:
+        """Where a virtual site runs, for the coordinator's record: "host/Ray node id/device"
+        ("" when deployed: where a hospital computes is its own business)."""
+        if not self.simulated:
+            return ""
+        ray = sys.modules.get("ray")   # loaded in a Ray worker; never imported for this
+        node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+        return f"{socket.gethostname()}/{node}/{self.device.type}"
 
 
 #: the run's data contract (config keys): part of what determines the model

@@ -36,13 +36,19 @@ def simulate(
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     ledger_dir: Optional[Path] = typer.Option(None, help="Keep the virtual sites' privacy ledgers here; a second run on the same folder continues their accounts (default: a fresh temporary folder)"),
     quiet: bool = typer.Option(False, help="No progress display"),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto | HOST:PORT; default $RAY_ADDRESS) instead of starting a Ray on this machine"),
+    site_cpus: float = typer.Option(1, help="CPUs each virtual hospital holds while it trains (whole CPUs)"),
+    site_gpus: Optional[float] = typer.Option(None, help="GPU share each virtual hospital holds (0.5: two share a GPU; default: a share of the GPUs when there are any, else 0)"),
 ) -> None:
-    """Run a Flower simulation of TASK with virtual hospitals on this machine."""
+    """Run a Flower simulation of TASK with virtual hospitals, on this machine or on a
+    Ray cluster (--ray-address)."""
+    from .flower import ray_setup
     from .launch import resolve_config
 
     cfg = resolve_config(task, set_, sites=sites, rounds=rounds, seed=seed,
                          **({"strategy.name": strategy} if strategy else {}))
-    run_simulation(cfg, _db(db), ledger_dir, quiet)
+    ray = ray_setup(ray_address, site_cpus, site_gpus, cfg.sites)
+    run_simulation(cfg, _db(db), ledger_dir, quiet, ray)
     _print_next_steps(_db(db))
 
 
@@ -127,7 +133,7 @@ def _print_before_after(cfg, run_id: str, db_url: str) -> None:
         typer.echo(f"  {label:<26} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}")
 
 
-def run_simulation(cfg, db_url: str, ledger_dir: Optional[Path], quiet: bool) -> str:
+def run_simulation(cfg, db_url: str, ledger_dir: Optional[Path], quiet: bool, ray=None) -> str:
     from .flower import flwr_run, simulation_superlink, stop, workdir_for
     from .launch import default_ledger_dir, follow, register_run
 
@@ -136,7 +142,7 @@ def run_simulation(cfg, db_url: str, ledger_dir: Optional[Path], quiet: bool) ->
     typer.echo(f"run {run_id}: {cfg.task}, {cfg.sites} sites, {cfg.rounds} rounds, {cfg.strategy.name}, DP {cfg.dp.level}")
     work = workdir_for(run_id)
     try:
-        with simulation_superlink(cfg.sites, work) as (_, env):
+        with simulation_superlink(cfg.sites, work, ray) as (_, env):
             proc = flwr_run(cfg, env, "fedcare", work / "flwr-run.log")
             try:
                 status = follow(store, run_id, cfg, proc, work / "flwr-run.log", quiet=quiet)

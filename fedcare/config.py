@@ -77,6 +77,8 @@ class StrategyConfig:
     trim_beta: float = 0.25        # trimmedavg: fraction trimmed at each end (>= 1/sites)
     krum_f: int = 1                # krum: number of malicious sites tolerated
     min_sites: int = 2             # a round needs at least this many accepted updates
+    fraction_train: float = 1.0    # share of the connected sites sampled to train each round
+    fraction_evaluate: float = 1.0  # share sampled to evaluate (at least min_sites either way)
     round_timeout: float = 1800.0  # seconds to wait for replies in a round
     screen_norm_factor: float = 0.0  # reject updates with norm > factor x round median (0 = off)
     evaluate_with_train: bool = False  # sites evaluate the incoming global model in the train
@@ -274,6 +276,8 @@ class RunConfig:
             need(dp.epsilon > 0 or dp.noise_multiplier > 0,
                  "DP is on: set dp.epsilon (a target) or dp.noise_multiplier")
         need(self.strategy.min_sites >= 1, "strategy.min_sites must be at least 1")
+        need(0 < self.strategy.fraction_train <= 1 and 0 < self.strategy.fraction_evaluate <= 1,
+             "strategy.fraction_train and strategy.fraction_evaluate must be in (0, 1]")
         need(self.strategy.round_timeout > 0, "strategy.round_timeout must be positive")
         need(self.site.budget >= 0, "site.budget must be >= 0")
         need(self.faults.kind in ("", "nan", "shape", "scale", "sign", "random", "crash", "hang"),

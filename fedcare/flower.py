@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import tomli_w
@@ -104,24 +106,99 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.wait()
 
 
+@dataclass
+class RaySetup:
+    """Where a simulation's virtual sites run and what each one holds: ``address`` None
+    is a Ray started for the run on this machine with ``cpus`` and ``gpus``; otherwise
+    an existing cluster (``ray start``), which keeps its own counts."""
+
+    address: str | None
+    site_cpus: int
+    site_gpus: float
+    cpus: int
+    gpus: int
+
+    def backend(self) -> dict:
+        """The SuperLink's ``backend`` options: no local counts for a cluster (Ray refuses
+        them when joining one)."""
+        out: dict = {"client-resources": {"num-cpus": self.site_cpus, "num-gpus": float(self.site_gpus)}}
+        if self.address is None:
+            out["init-args"] = {"num-cpus": self.cpus, "num-gpus": self.gpus}
+        return out
+
+
+def ray_setup(address: str | None = None, site_cpus: float = 1, site_gpus: float | None = None,
+              num_sites: int = 1) -> RaySetup:
+    """Check and complete the Ray options of ``fedcare simulate``: the cluster at
+    ``address`` (or $RAY_ADDRESS; "auto" finds one started on this machine) is asked
+    what it has; without one, this machine's CPUs and GPUs. ``site_gpus`` None: a
+    share of the GPUs when there are any (every concurrently running site gets one
+    share), else 0. Raises FedcareError for what cannot run."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":
+        address = None
+    if site_cpus < 1 or not float(site_cpus).is_integer():
+        raise FedcareError(f"--site-cpus {site_cpus:g}: Flower's simulation takes whole CPUs per virtual site "
+                           "(its resource field is an integer); share a GPU with --site-gpus 0.5 instead")
+    if site_gpus is not None and site_gpus < 0:
+        raise FedcareError(f"--site-gpus must be >= 0, got {site_gpus:g}")
+    site_cpus = int(site_cpus)
+    address, cpus, gpus = _cluster_capacity(address) if address else (None, os.cpu_count() or 1, _local_gpus())
+    where = f"the Ray cluster at {address}" if address else "this machine"
+    if site_cpus > cpus:
+        raise FedcareError(f"--site-cpus {site_cpus} exceeds the {cpus} CPUs of {where}")
+    if site_gpus is None:
+        site_gpus = min(1.0, gpus / min(num_sites, cpus // site_cpus)) if gpus else 0.0
+    elif site_gpus > 0 and not gpus:
+        raise FedcareError(f"--site-gpus {site_gpus:g}: {where} has no GPU (Ray sees none); "
+                           "drop --site-gpus or run on a machine or cluster with one")
+    elif site_gpus > 1 and not float(site_gpus).is_integer():
+        raise FedcareError(f"--site-gpus {site_gpus:g}: above 1, a site takes whole GPUs")
+    return RaySetup(address, site_cpus, float(site_gpus), int(cpus), int(gpus))
+
+
+def _local_gpus() -> int:
+    import torch  # noqa: PLC0415 - heavy; already loaded by the task in `fedcare simulate`
+
+    return torch.cuda.device_count()
+
+
+def _cluster_capacity(address: str) -> tuple[str, int, int]:
+    """(the cluster's bootstrap address, its CPUs, its GPUs), asked of the cluster by a
+    short-lived Ray driver; FedcareError when there is none to join."""
+    import ray  # noqa: PLC0415 - only a run that joins a cluster pays for importing Ray
+
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise FedcareError(f"cannot join the Ray cluster at {address}: {err}; start one with "
+                           "`ray start --head` or name it with --ray-address HOST:PORT") from None
+    try:
+        total = ray.cluster_resources()
+        gcs = ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+    return gcs, int(math.floor(total.get("CPU", 0))), int(math.floor(total.get("GPU", 0)))
+
+
 @contextlib.contextmanager
-def simulation_superlink(num_sites: int, workdir: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    """A simulation-mode SuperLink for one run; yields (FLWR_HOME, env)."""
+def simulation_superlink(num_sites: int, workdir: Path,
+                         ray: RaySetup | None = None) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A simulation-mode SuperLink for one run; yields (FLWR_HOME, env). Its simulation
+    joins ``ray.address`` or starts a Ray of its own ("local": never one it happens to
+    find on this machine, such as another run's cluster)."""
+    ray = ray or ray_setup(num_sites=num_sites, site_gpus=0.0)
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     http, health = free_port(), free_port()  # one HTTP port serves runtime, control and fleet
     env = flwr_env(flwr_home)
-    cpus = os.cpu_count() or 2
+    env["RAY_ADDRESS"] = ray.address or "local"
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
         "default": "fedcare",
         "fedcare": {
             "address": f"127.0.0.1:{http}",
             "insecure": True,
-            "options": {
-                "num-supernodes": num_sites,
-                "backend": {"client-resources": {"num-cpus": 1, "num-gpus": 0.0},
-                            "init-args": {"num-cpus": cpus, "num-gpus": 0}},
-            },
+            "options": {"num-supernodes": num_sites, "backend": ray.backend()},
         },
     }}))
     proc, log = _start_superlink(http, health, env, workdir / "superlink.log")

@@ -34,6 +34,7 @@ LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
 LORA_RANK = "lora_rank"         # the LoRA rank the site trains at (heterogeneous ranks)
 NONCE = "nonce"                 # in CONFIG (server -> site) and echoed in SITE: one per round
 AUDIT_JSON = "audit_json"       # privacy-audit record as JSON (last round's evaluate reply)
+WORKER = "worker"               # simulation: where the virtual site ran ("host/Ray node id device")
 METRICS_JSON = "metrics_json"   # in EVALUATION: what an evaluate reply's METRICS holds, as JSON
 
 # --- keys inside CONFIG (server -> site) ------------------------------------------
@@ -100,6 +101,7 @@ class SiteUpdate:
     local_metrics: dict[str, float] | None = None
     audit: dict[str, float] | None = None   # privacy-audit record (AUDIT_JSON)
     lora_rank: int | None = None
+    worker: str = ""                 # simulation: where the site ran (WORKER), "" if not said
     arrays: dict[str, np.ndarray] | None = None
     message: Any = None              # the Flower reply, for strategies that aggregate messages
 

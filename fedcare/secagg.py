@@ -24,6 +24,7 @@ per coordinate, and is unbiased.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -40,6 +41,10 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_
 from .accounting import secagg_noise_mu
 from .errors import ConfigError
 
+RECORD = "secagg"      # the ConfigRecord of a secure-aggregation message and reply
+SHARE, MASK, UNMASK = "secagg_share", "secagg_mask", "secagg_unmask"   # train.<step> message types
+STEPS = (SHARE, MASK, UNMASK)
+MASKED = "masked"      # the ArrayRecord key of a masked input
 MOD = 2 ** 32
 HALF = 2 ** 31
 KEY_BYTES = 32
@@ -108,6 +113,11 @@ def params_of(cfg, n_sites: int, dim: int) -> Params:
         return p
     mu = secagg_noise_mu(p, cfg, dim)
     return Params(**{**p.to_dict(), "noise_mu": mu})
+
+
+def run_params(cfg, task, dim: int) -> Params:
+    """``params_of`` for the run's sites (the task's fixed sites or ``cfg.sites``)."""
+    return params_of(cfg, task.fixed_sites or cfg.sites, dim)
 
 
 # ------------------------------------------------------------------------ graph
@@ -226,6 +236,11 @@ def combine(shares: list[bytes]) -> bytes:
 
 def pair_sign(i: int, j: int) -> int:
     return 1 if i < j else -1
+
+
+def round_key(run_id: str, rnd: int, nonce: str) -> bytes:
+    """Binds every key agreement and sealed share to one run, round and nonce."""
+    return hashlib.sha256(f"fedcare-secagg/{run_id}/{rnd}/{nonce}".encode()).digest()[:16]
 
 
 def mask_info(round_key: bytes) -> bytes:

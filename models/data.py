@@ -103,6 +103,13 @@ def dirichlet_partition(
     return [(np.sort(np.array(tr, dtype=int)), np.sort(np.array(te, dtype=int))) for tr, te in zip(*parts)]
 
 
+def site_label_mix(num_classes: int, alpha: float, seed: int, index: int) -> np.ndarray:
+    """One virtual site's label proportions, Dirichlet(alpha), drawn from (seed, index)
+    alone: any site of any number of sites, without partitioning the others (a large
+    alpha, e.g. 1000, is IID in effect)."""
+    return np.random.default_rng([seed, index, 0]).dirichlet(np.full(num_classes, alpha))
+
+
 def _top_up(sites: list[list[int]], minimum: int) -> None:
     """Move examples from the largest site to any site below ``minimum`` (deterministic)."""
     for s, members in enumerate(sites):

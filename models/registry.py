@@ -9,6 +9,7 @@ from .base import Task
 
 _TASKS = {
     "heart-disease": "fedcare.models.heart_disease:HeartDiseaseTask",
+    "heart-disease-virtual": "fedcare.models.heart_virtual:HeartDiseaseVirtualTask",
     "medical-abstracts": "fedcare.models.medical_abstracts:MedicalAbstractsTask",
     "breastmnist": "fedcare.models.breastmnist:BreastMnistTask",
     "medical-llm": "fedcare.models.medical_llm:MedicalLlmTask",

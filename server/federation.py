@@ -108,11 +108,15 @@ class Federation:
         replies = self._send_and_collect(msgs, timeout)
         if rides:
             self._store_evaluations(rnd - 1, replies, nonce)
-        sites, accepted = self._screen(self._parse(msgs, replies, "train", nonce, shared), shared)
+        parsed = self._parse(msgs, replies, "train", nonce, shared)
+        placement = {u.site: u.worker for u in parsed if u.worker}   # simulation: where each site ran
+        sites, accepted = self._screen(parsed, shared)
         for s in sites:   # seconds from the push to the reply's arrival, per site
             if s.node_id in self.latency:
                 s.metrics["latency_s"] = self.latency[s.node_id]
         metrics: dict[str, float] = {"sites_accepted": float(len(accepted)), **self.transfer}
+        if placement:
+            metrics["worker_nodes"] = float(len({w.rsplit("/", 2)[-2] for w in placement.values()}))
         self.accepted_updates += len(accepted)
         if len(accepted) >= cfg.strategy.min_sites:
             new, agg_metrics = self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
@@ -135,6 +139,9 @@ class Federation:
         record = S.RoundRecord(round=rnd, started_at=t0, ended_at=time.time(), metrics=metrics, sites=sites,
                                evaluations=evaluations, global_state=state, fairness=fairness)
         self.store.write_round(self.run_id, record)
+        if placement:
+            self.store.add_event(self.run_id, "placement", f"round {rnd}: {len(placement)} sites ran on "
+                                 f"{metrics['worker_nodes']:.0f} Ray node(s)", placement)
         for s in sites:
             if s.status == S.REFUSED:
                 self.store.add_event(self.run_id, "site_refused", f"round {rnd}: {s.site} refused: {s.reason}")

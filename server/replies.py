@@ -115,6 +115,7 @@ def _decode(content, kind, identities, nonce, expected, allow_lower_rank, update
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise BadReply(f"lora_rank {rank!r} is not a positive integer")
         update.lora_rank = rank
+    update.worker = _text(info.get(S.WORKER, ""), "worker")[:200]
     if kind == "train":
         record = content.array_records.get(S.ARRAYS)
         if record is None:

@@ -27,6 +27,9 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
         from the latest round in which that site reported privacy; ``steps`` is the
         DP-SGD steps the site took in this run: its latest "steps" (the site ledger's
         total for the run), else the sum of its per-round "round_steps",
+    secure_aggregation: {clip, bits, min_sites_in_sum, threshold, survivors: {round: n},
+                         epsilon, delta}  (secagg.enabled only; {} otherwise): epsilon is the
+        distributed-DP epsilon after the latest round (null without distributed DP),
     client_privacy: {epsilon, delta, accountant, noise_multiplier, clipping_norm,
                      releases, round}  (client-level DP only; {} otherwise): the server
         accountant's epsilon for a whole site's participation, after the latest release,
@@ -87,6 +90,7 @@ def build_report(store: Store, run_id: str) -> dict:
         dp=run["dp"], rounds=report_rounds, final=final_metrics(evaluations),
         privacy=privacy_summary(site_rounds),
         client_privacy=client_privacy_summary(rounds, run["config"]),
+        secure_aggregation=secure_aggregation_summary(rounds, run["config"]),
         privacy_audit=privacy_audit_summary(evaluations, site_rounds),
         fairness=next((r["fairness"] for r in reversed(rounds) if r["fairness"]), {}),
         events=store.events(run_id),
@@ -163,6 +167,21 @@ def client_privacy_summary(rounds: list[dict], config: dict) -> dict:
                 noise_multiplier=last.get("client_noise_multiplier"),
                 clipping_norm=last.get("client_clipping_norm"), releases=len(released),
                 round=released[-1]["round"])
+
+
+def secure_aggregation_summary(rounds: list[dict], config: dict) -> dict:
+    """Secure aggregation (secagg.enabled; {} otherwise): the run's clipping, bits and
+    threshold, the survivors whose inputs made each round's sum, and the distributed-DP
+    epsilon after the latest round (the coordinator's accountant, server/secagg.py)."""
+    sa = config.get("secagg") or {}
+    if not sa.get("enabled"):
+        return {}
+    m = [r["metrics"] for r in rounds]
+    eps = [x["secagg_epsilon"] for x in m if x.get("secagg_epsilon") is not None]
+    return dict(clip=sa.get("clip"), bits=sa.get("bits"), min_sites_in_sum=sa.get("min_sites_in_sum"),
+                threshold=next((x["secagg_threshold"] for x in reversed(m) if "secagg_threshold" in x), None),
+                survivors={r["round"]: r["metrics"].get("secagg_survivors") for r in rounds},
+                epsilon=eps[-1] if eps else None, delta=(config.get("dp") or {}).get("delta") if eps else None)
 
 
 def list_runs(store: Store) -> list[dict]:

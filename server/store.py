@@ -199,7 +199,13 @@ def decode_state(data: bytes) -> dict[str, np.ndarray]:
 
 
 def dp_summary(config: dict) -> str:
-    """A short DP label for listings: "none", "sample eps=3", "client sigma=1.1"."""
+    """A short DP label for listings: "none", "sample eps=3", "client sigma=1.1"; with
+    secure aggregation "...; secagg" and its distributed-DP target ("secagg ddp eps=8")."""
+    sa = config.get("secagg") or {}
+    if sa.get("enabled"):
+        ddp = f" ddp eps={sa['epsilon']:g}" if sa.get("epsilon") else \
+            (f" ddp sigma={sa['noise_multiplier']:g}" if sa.get("noise_multiplier") else "")
+        return f"{dp_summary({**config, 'secagg': {}})}; secagg{ddp}"
     dp = config.get("dp") or {}
     level = dp.get("level", "none") or "none"
     if level == "none" and not (dp.get("epsilon") or dp.get("noise_multiplier")):

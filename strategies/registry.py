@@ -40,8 +40,8 @@ from .lora_strategy import LoraAwareStrategy
 
 def _common(cfg: RunConfig) -> dict[str, Any]:
     n = cfg.strategy.min_sites
-    return dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n,
-                min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=NUM_EXAMPLES,
+    return dict(fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
+                min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=NUM_EXAMPLES,
                 arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
 
 

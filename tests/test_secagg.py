@@ -172,3 +172,16 @@ def test_rules_that_need_individual_updates_are_refused_in_one_line():
     check_secagg_config(RunConfig.from_flat({"secagg.enabled": True, "strategy.name": "fedprox"}), 4)
     with pytest.raises(ConfigError, match="half the degree"):
         check_secagg_config(RunConfig.from_flat({"secagg.enabled": True, "secagg.threshold": 1}), 5)
+
+
+def test_a_site_policy_requires_secure_aggregation_and_raises_the_minimum_sum(tmp_path):
+    from fedcare.client.policy import SitePolicy
+
+    path = tmp_path / "policy.toml"
+    path.write_text("[privacy]\nrequire_secure_aggregation = true\nmin_sites_in_sum = 4\n")
+    pol = SitePolicy.load(path)
+    with pytest.raises(PolicyRefusal, match="secure aggregation is required"):
+        pol.check(RunConfig(), {}, 100)
+    pol.check(RunConfig.from_flat({"secagg.enabled": True}), {}, 100)
+    session = SiteSession(params(5, min_in_sum=2), b"k" * 16, pol.min_sites_in_sum)
+    assert session.min_in_sum == 4

@@ -1,0 +1,27 @@
+"""End to end: a real Flower simulation whose rounds are securely aggregated, with
+distributed DP and a site that crashes; the coordinator stores only sums."""
+import numpy as np
+import pytest
+
+from e2e import simulate
+
+pytestmark = pytest.mark.e2e
+
+
+def test_heart_disease_secure_aggregation_with_distributed_dp_and_a_crashed_site(tmp_path):
+    db = f"sqlite:///{tmp_path}/fed.db"
+    _, rep = simulate(db, "--task", "heart-disease", "--rounds", "2", "--set", "secagg.enabled=true",
+                      "--set", "secagg.epsilon=8", "--set", "faults.site=va", "--set", "faults.kind=crash",
+                      workdir=tmp_path)
+    assert rep["status"] == "completed" and [r["round"] for r in rep["rounds"]] == [1, 2]
+    for r in rep["rounds"]:
+        m = r["metrics"]
+        sites = {s["site"]: s for s in r["sites"]}
+        assert sites.pop("va")["accepted"] is False
+        assert all(s["accepted"] for s in sites.values())
+        # keys, sealed shares, the masked input (15 uint32) and revealed shares: more than a plain 14 floats
+        assert all(s["update_bytes"] > 14 * 4 for s in sites.values())
+        assert (m["secagg_survivors"], m["secagg_threshold"], m["aggregated"]) == (3.0, 2.0, 1.0)
+        assert m["secagg_weight"] == 3.0            # distributed DP: every site weighs 1
+        assert 0 < m["secagg_epsilon"] <= 8.0 and np.isfinite(m["eval"]["accuracy"])
+    assert rep["rounds"][0]["metrics"]["secagg_epsilon"] < rep["rounds"][1]["metrics"]["secagg_epsilon"]
