@@ -61,6 +61,11 @@ def train(msg: Message, context: Context) -> Message:
             evaluation = _riding_evaluation(site, policy, model, split, msg, context, rnd - 1)
         split = _with_canaries(site, context, split)
         received = _load_global(site, model, msg, context)
+        if site.cfg.personalize.method == "ditto" or site.cfg.personalize.alone:
+            from .personalize import before_training
+
+            before_training(site, context, model, received, rnd, _budget(site, policy))
+            received = _load_global(site, model, msg, context)
         from .ledger import SiteLedger
         from .training import train_on_site
 
@@ -158,10 +163,12 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
         fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
     if fairness is not None:
         fields[S.FAIRNESS_JSON] = json.dumps(fairness)
-    if not noised and site.cfg.lora.personalize and _personal_state(context):   # not derivable from noised counts
-        _load_global(site, model, msg, context, personal=True)
-        ls, ll = predict_dataset(site.task, model, split.test, site.cfg, site.device)
-        fields[S.LOCAL_METRICS_JSON] = json.dumps(site.task.metrics(ls, ll))
+    if not noised:   # personal and alone models' numbers cannot be derived from noised counts
+        from .personalize import benefit_fields
+
+        fields.update(benefit_fields(site, context, model,
+                                     lambda personal: _load_global(site, model, msg, context, personal=personal),
+                                     split, rnd, scores, labels, _budget(site, policy)))
     payload = json.dumps({"metrics": metrics, "fairness": fairness}, sort_keys=True).encode()
     _audit(site, policy, rnd, "evaluate", hashlib.sha256(payload).hexdigest(), len(payload), None, "sent", "")
     return metrics, fields
@@ -228,11 +235,9 @@ def _budget(site: Site, policy) -> float:
 
 
 def _personal_keys(site: Site, state) -> set[str]:
-    if not site.cfg.lora.personalize:
-        return set()
-    from fedcare.strategies.personal import split_personal
+    from fedcare.strategies.personal import personal_split
 
-    _, personal = split_personal(state, site.cfg.lora.personalize)
+    _, personal = personal_split(state, site.cfg)
     return set(personal)
 
 

@@ -56,8 +56,9 @@ class DPPlan:
 
 def plan_round(cfg: RunConfig, num_train: int) -> DPPlan:
     """Validate the DP settings against this site's data and fix the noise multiplier:
-    given (``dp.noise_multiplier``) or calibrated so that the whole run (``rounds x
-    local_steps`` steps) reaches ``dp.epsilon`` at ``dp.delta``."""
+    given (``dp.noise_multiplier``) or calibrated so that the whole run (every DP-SGD
+    step the site takes in it, ``cfg.site_dp_steps``: the rounds' ``local_steps`` and any
+    personal or alone-baseline steps) reaches ``dp.epsilon`` at ``dp.delta``."""
     dp = cfg.dp
     if num_train < 1:
         raise PrivacyError("this site has no training examples; DP-SGD needs at least one")
@@ -73,7 +74,7 @@ def plan_round(cfg: RunConfig, num_train: int) -> DPPlan:
     sample_rate = batch / num_train
     steps = cfg.train.local_steps
     if dp.epsilon > 0:
-        noise = calibrate_noise(dp.epsilon, dp.delta, sample_rate, cfg.rounds * steps, dp.accountant)
+        noise = calibrate_noise(dp.epsilon, dp.delta, sample_rate, cfg.site_dp_steps, dp.accountant)
     elif dp.noise_multiplier > 0:
         noise = float(dp.noise_multiplier)
     else:

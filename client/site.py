@@ -120,7 +120,7 @@ class Site:
     def model(self) -> torch.nn.Module:
         # A personalised site keeps a part of the model that no message overwrites: its
         # model is its own, never shared with another virtual site in this process.
-        owner = self.site_id if self.cfg.lora.personalize else ""
+        owner = self.site_id if self.cfg.lora.personalize or self.cfg.personalize.method == "personal_head" else ""
         return _model(self.task.name, _model_key(self.cfg, self.lora_rank), owner)
 
     @property

@@ -27,6 +27,7 @@ navigation = st.navigation([
     st.Page(VIEWS / "convergence.py", title="Convergence", icon=":material/show_chart:"),
     st.Page(VIEWS / "sites.py", title="Sites", icon=":material/local_hospital:"),
     st.Page(VIEWS / "fairness.py", title="Fairness", icon=":material/balance:"),
+    st.Page(VIEWS / "benefit.py", title="Benefit", icon=":material/volunteer_activism:"),
     st.Page(VIEWS / "privacy.py", title="Privacy", icon=":material/shield:"),
     st.Page(VIEWS / "events.py", title="Events", icon=":material/event_note:"),
     st.Page(VIEWS / "model.py", title="Model", icon=":material/package_2:"),

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import FedcareError
+from .errors import ConfigError, FedcareError
 
 app = typer.Typer(help="fedcare: federated LoRA fine-tuning for hospitals, under differential privacy.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -35,6 +35,7 @@ def simulate(
     db: Optional[str] = typer.Option(None, help=DB_HELP),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     ledger_dir: Optional[Path] = typer.Option(None, help="Keep the virtual sites' privacy ledgers here; a second run on the same folder continues their accounts (default: a fresh temporary folder)"),
+    baselines: str = typer.Option("", help="'alone': each site also trains a model on its own data alone (equal compute) and the run ends with the benefit table: alone vs global vs personalised (personalize.method), per site"),
     quiet: bool = typer.Option(False, help="No progress display"),
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto | HOST:PORT; default $RAY_ADDRESS) instead of starting a Ray on this machine"),
     site_cpus: float = typer.Option(1, help="CPUs each virtual hospital holds while it trains (whole CPUs)"),
@@ -45,11 +46,42 @@ def simulate(
     from .flower import ray_setup
     from .launch import resolve_config
 
-    cfg = resolve_config(task, set_, sites=sites, rounds=rounds, seed=seed,
+    cfg = resolve_config(task, [*set_, *_baseline_sets(baselines)], sites=sites, rounds=rounds, seed=seed,
                          **({"strategy.name": strategy} if strategy else {}))
     ray = ray_setup(ray_address, site_cpus, site_gpus, cfg.sites)
-    run_simulation(cfg, _db(db), ledger_dir, quiet, ray)
+    run_id = run_simulation(cfg, _db(db), ledger_dir, quiet, ray)
+    _print_benefit(run_id, _db(db))
     _print_next_steps(_db(db))
+
+
+def _baseline_sets(baselines: str) -> list[str]:
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    if any(b != "alone" for b in names):
+        raise ConfigError(f"--baselines takes 'alone' (the only baseline), got '{baselines}'")
+    return ["personalize.alone=true"] if names else []
+
+
+def _print_benefit(run_id: str, db_url: str) -> None:
+    """The benefit of joining per site (report's ``benefit``), when the run measured it."""
+    from .server.report import build_report
+    from .server.store import Store
+
+    store = Store(db_url)
+    benefit = build_report(store, run_id)["benefit"]
+    store.close()
+    if not benefit:
+        return
+    typer.echo(f"benefit of joining, round {benefit['round']}: each site's own test split, "
+               f"{benefit['level']:.0%} bootstrap intervals")
+    fmt = lambda c: "-" if c is None else (f"{c['value']:.3f}" + ("" if c["lo"] is None else f" [{c['lo']:.3f}-{c['hi']:.3f}]"))  # noqa: E731
+    models = [m for m in ("alone", "global", "personal") if any(m in s for s in benefit["sites"].values())]
+    typer.echo(f"  {'site':<12} {'n':>5}  {'metric':<18} " + " ".join(f"{m:<22}" for m in models) + " prevalence")
+    for site, entry in benefit["sites"].items():
+        prevalence = " ".join(f"{k}:{v:.2f}" for k, v in entry["prevalence"].items()) or "suppressed"
+        for i, metric in enumerate(entry.get("global", {})):
+            typer.echo(f"  {site if i == 0 else '':<12} {entry['n'] if i == 0 else '':>5}  {metric:<18} "
+                       + " ".join(f"{fmt(entry.get(m, {}).get(metric)):<22}" for m in models)
+                       + (f" {prevalence}" if i == 0 else ""))
 
 
 # The demo's text run: the frozen-encoder head mode (mean-pooled MiniLM embeddings, a
@@ -219,7 +251,7 @@ def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
     for site, m in sorted(rep.get("final", {}).get("per_site", {}).items()):
         typer.echo(f"  {site:<14} " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if isinstance(v, float)))
     for site, p in sorted(rep.get("privacy", {}).items()):
-        typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget')}")
+        typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget') or 'no cap'}")
     for site, a in rep.get("privacy_audit", {}).items():
         typer.echo(f"  audit   {site:<14} lower bound={a['epsilon_lower_bound']:.3f} accountant={a['accountant_epsilon']}"
                    + ("  PRIVACY BUG" if a["exceeds"] else ""))

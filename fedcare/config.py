@@ -136,6 +136,44 @@ class SecAggConfig:
 
 
 @dataclass
+class PersonalizeConfig:
+    """Personalisation and the benefit of joining (client/personalize.py): each site keeps
+    a personal model that never leaves it, and reports, on its own test split, the global
+    model, its personal model and (``alone``) a model trained on its data alone at equal
+    compute, with bootstrap intervals. Under DP-SGD every personal and alone step is a
+    DP-SGD step charged to the site's ledger, and the noise is calibrated so that all the
+    site's steps together reach dp.epsilon (``RunConfig.site_dp_steps``)."""
+
+    method: str = ""               # "" | finetune | personal_head | ditto
+    steps: int = 0                 # personal steps (finetune: per fine-tuning; ditto: per round); 0 = train.local_steps
+    every_round: bool = False      # finetune: at every evaluation, not only the last round's
+    lr: float = 0.0                # personal steps' learning rate (0 = train.lr)
+    ditto_lambda: float = 0.1      # ditto: pull of the personal model toward the global one
+    alone: bool = False            # also train and report a model on the site's data alone (equal compute)
+    bootstrap: int = 500           # bootstrap resamples of the test split for the intervals
+
+
+PERSONALIZE_METHODS = ("", "finetune", "personal_head", "ditto")
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation (fedcare/secagg.py): the coordinator sees only the sum of the
+    sites' clipped, quantized, masked updates; distributed DP when epsilon or
+    noise_multiplier is set (Skellam noise added at each site, delta = dp.delta)."""
+
+    enabled: bool = False
+    clip: float = 1.0              # L2 norm each site clips its update (new - received) to
+    bits: int = 16                 # quantization bits per coordinate
+    threshold: int = 0             # shares to unmask (0 = degree // 2 + 1)
+    degree: int = 0                # neighbours per site (0 = all up to 16 sites, else ~4 log2 n)
+    weight_cap: int = 1024         # a site's weight is min(examples, cap) (1 under distributed DP)
+    min_sites_in_sum: int = 0      # fewest sites a released sum may hold (>= strategy.min_sites)
+    epsilon: float = 0.0           # distributed DP target over the run (0 = noise_multiplier)
+    noise_multiplier: float = 0.0  # total noise std / L2 sensitivity (0 with epsilon 0: no DP)
+
+
+@dataclass
 class RuntimeConfig:
     """Set by the fedcare CLI for one Flower run; not part of the stored experiment."""
 
@@ -160,6 +198,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # ----------------------------------------------------------------- flat keys
@@ -289,7 +328,29 @@ class RunConfig:
         need(self.secagg.enabled or not (self.secagg.epsilon or self.secagg.noise_multiplier),
              "distributed DP (secagg.epsilon / secagg.noise_multiplier) needs secagg.enabled=true")
         need(self.audit.planted_bug in ("", "no_noise", "no_clip"), "audit.planted_bug must be '', no_noise or no_clip")
+        p = self.personalize
+        need(p.method in PERSONALIZE_METHODS, "personalize.method must be '', finetune, personal_head or ditto")
+        need(not (p.method and self.lora.personalize),
+             "personalize.method and lora.personalize both choose a personal part: set one "
+             "(personalize.method=personal_head is lora.personalize=head on a LoRA task)")
+        need(p.steps >= 0 and p.lr >= 0 and p.ditto_lambda >= 0, "personalize.steps, lr and ditto_lambda must be >= 0")
+        need(p.bootstrap >= 0, "personalize.bootstrap must be >= 0 (0 = no intervals)")
         return self
+
+    @property
+    def personal_steps(self) -> int:
+        return self.personalize.steps or self.train.local_steps
+
+    @property
+    def site_dp_steps(self) -> int:
+        """DP-SGD steps one site takes over the whole run: the federated rounds', the
+        personal model's and the alone baseline's. DP-SGD noise is calibrated for all of
+        them together, so the site's epsilon for the run is dp.epsilon whatever it trains."""
+        p, federated = self.personalize, self.rounds * self.train.local_steps
+        personal = {"finetune": self.personal_steps * (self.rounds if p.every_round else 1),
+                    "ditto": self.personal_steps * self.rounds}.get(p.method, 0)
+        return federated + personal + (federated if p.alone else 0)
+
 
     @property
     def lora_site_ranks(self) -> list[int]:

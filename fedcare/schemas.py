@@ -31,6 +31,7 @@ REASON = "reason"
 PRIVACY_JSON = "privacy_json"   # PrivacySpend as JSON (DP runs)
 FAIRNESS_JSON = "fairness_json"  # per-group counts as JSON (evaluate replies)
 LOCAL_METRICS_JSON = "local_metrics_json"  # personalised (local) model metrics
+BENEFIT_JSON = "benefit_json"   # {model: metrics with intervals} on the site's own test split
 LORA_RANK = "lora_rank"         # the LoRA rank the site trains at (heterogeneous ranks)
 NONCE = "nonce"                 # in CONFIG (server -> site) and echoed in SITE: one per round
 AUDIT_JSON = "audit_json"       # privacy-audit record as JSON (last round's evaluate reply)
@@ -52,6 +53,16 @@ RUN_STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 # --- privacy record keys (report "privacy" object per site) -------------------------
 PRIVACY_KEYS = ("epsilon", "run_epsilon", "delta", "budget", "accountant",
                 "noise_multiplier", "sample_rate", "steps")
+
+
+# --- the benefit of joining (client/personalize.py): one Evaluation per site and model,
+# of kind "benefit:<model>", its metrics with <metric>_lo/_hi and (global) prevalence_<k>
+BENEFIT = "benefit"
+BENEFIT_MODELS = ("global", "personal", "alone")
+
+
+def benefit_kind(model: str) -> str:
+    return f"{BENEFIT}:{model}"
 
 
 # --- privacy-audit record (client/privacy_audit.py), stored as an Evaluation of kind AUDIT
@@ -99,6 +110,7 @@ class SiteUpdate:
     privacy: dict[str, Any] | None = None
     fairness: dict[str, Any] | None = None
     local_metrics: dict[str, float] | None = None
+    benefit: dict[str, dict[str, float]] | None = None   # BENEFIT_JSON: model -> numbers
     audit: dict[str, float] | None = None   # privacy-audit record (AUDIT_JSON)
     lora_rank: int | None = None
     worker: str = ""                 # simulation: where the site ran (WORKER), "" if not said

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from .benefit import wilson
+
 COUNT_KEYS = ("tp", "fp", "tn", "fn")
 CLASS_ATTRIBUTE = "class"
 SUPPRESSED = {"suppressed": True}
@@ -158,6 +160,24 @@ def cell_metrics(cell: dict) -> dict:
         rates["ece"].append(histogram_ece(c["hist_pos"], c["hist_neg"]))
     out = {"n": n, "accuracy": cell["correct"] / n if n else None}
     out.update({k: _mean(v) for k, v in rates.items()})
+    out.update(rate_intervals(cell))
+    return out
+
+
+def rate_intervals(cell: dict) -> dict:
+    """``<rate>_lo``/``<rate>_hi``: 95% Wilson intervals from the cell's counts, for
+    accuracy and (two classes: one scored class) tpr, fpr and selection_rate; a
+    macro-averaged multi-class rate has none."""
+    n = cell["n"]
+    counts = {"accuracy": (cell["correct"], n)}
+    if len(cell["classes"]) == 1:
+        c = cell["classes"][0]
+        counts.update(tpr=(c["tp"], c["tp"] + c["fn"]), fpr=(c["fp"], c["fp"] + c["tn"]),
+                      selection_rate=(c["tp"] + c["fp"], n))
+    out = {}
+    for rate, (k, total) in counts.items():
+        interval = wilson(k, total) if total and k <= total else None
+        out[f"{rate}_lo"], out[f"{rate}_hi"] = interval or (None, None)
     return out
 
 

@@ -24,7 +24,7 @@ from fedcare.models.package import CARD_JSON, FORMAT, STATE_FILE, save_state
 from fedcare.models.registry import get_task
 from fedcare.models.state import set_trainable_state, state_sha256
 
-from .report import build_report, client_privacy_summary, final_metrics, privacy_summary
+from .report import benefit_summary, build_report, client_privacy_summary, final_metrics, privacy_summary
 from .store import Store
 
 EXPORT_EVENT = "exported"
@@ -128,6 +128,7 @@ def describe(report: dict, rnd: int) -> dict:
                     "client": client_privacy_summary(rounds, cfg)},
         "fairness": this["fairness"],
         "metrics": final_metrics(evals),
+        "benefit": benefit_summary(evals),   # per site: alone, global and personalised ({} if not measured)
         "baselines": None,   # pooled / site-alone: not part of a run (bench/ measures them)
         "hashes": {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
                    "store_state_sha256": this["state_sha256"]},

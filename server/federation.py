@@ -192,11 +192,11 @@ class Federation:
                 m.content = RecordDict(records)
 
     def _shared(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.cfg.lora.personalize:
+        if not self.cfg.lora.personalize and self.cfg.personalize.method != "personal_head":
             return state
-        from fedcare.strategies.personal import split_personal
+        from fedcare.strategies.personal import personal_split
 
-        shared, _ = split_personal(state, self.cfg.lora.personalize)
+        shared, _ = personal_split(state, self.cfg)
         return {k: state[k] for k in shared}
 
     def _site_name(self, node: int) -> str:
@@ -289,6 +289,9 @@ class Federation:
             evaluations.append(S.Evaluation(scope=u.site, metrics=m, num_examples=n))
             if u.local_metrics is not None:
                 evaluations.append(S.Evaluation(scope=u.site, metrics=u.local_metrics, num_examples=n, kind="local"))
+            for model, numbers in (u.benefit or {}).items():   # the benefit of joining, at this site
+                evaluations.append(S.Evaluation(scope=u.site, metrics=numbers, num_examples=n,
+                                                kind=S.benefit_kind(model)))
             if u.fairness is not None:
                 counts[u.site] = u.fairness
             if u.audit is not None:   # the site's privacy-audit bound (client/privacy_audit.py)

@@ -39,7 +39,7 @@ def card_header(meta: dict) -> dict:
 def render_card(meta: dict) -> str:
     header = yaml.safe_dump(card_header(meta), sort_keys=False, allow_unicode=True)
     parts = [f"---\n{header}---\n", _intro(meta), _use(meta), _training(meta), _privacy(meta),
-             _evaluation(meta), _fairness(meta), _provenance(meta)]
+             _evaluation(meta), _benefit(meta), _fairness(meta), _provenance(meta)]
     return "\n".join(p for p in parts if p)
 
 
@@ -134,8 +134,33 @@ def _evaluation(meta: dict) -> str:
     rows = [["global (example-weighted)", *(m["metrics"].get(k) for k in names)]]
     rows += [[site, *(v.get(k) for k in names)] for site, v in sorted(m["per_site"].items())]
     text = f"## Evaluation (round {m['round']}, each site's test split)\n\n" + _table(["scope", *names], rows)
-    text += "\nPooled and site-alone baselines are not part of a run (see `bench/`).\n"
+    if not meta.get("benefit"):
+        text += "\nSite-alone baselines were not part of this run (`--baselines alone` adds them; see `bench/`).\n"
     return text
+
+
+def _benefit(meta: dict) -> str:
+    """Per site, on its own test split: alone, this global model and the site's
+    personalised model (which stayed at the site), with the site's bootstrap intervals."""
+    b = meta.get("benefit") or {}
+    if not b:
+        return ""
+    models = [m for m in ("alone", "global", "personal") if any(m in e for e in b["sites"].values())]
+    rows = []
+    for site, e in b["sites"].items():
+        prevalence = " ".join(f"{k}: {_fmt(v)}" for k, v in e["prevalence"].items()) or "suppressed"
+        for metric in e.get("global", {}):
+            cells = [e.get(m, {}).get(metric) for m in models]
+            rows.append([site, e["n"], prevalence, metric,
+                         *("-" if c is None else f"{_fmt(c['value'])} [{_fmt(c['lo'])}, {_fmt(c['hi'])}]"
+                           for c in cells)])
+    return (f"## Benefit of joining (round {b['round']}, each site's own test split)\n\n"
+            "What each hospital gets: the model it trained on its data alone (equal compute), this global "
+            "model, and its personalised model, which never left the site (only its metrics did). "
+            f"Intervals: {b['level']:.0%} bootstrap over the site's test patients. Compare balanced accuracy, "
+            "macro-F1 or AUROC across sites whose class prevalence differs: a model that predicts a site's "
+            "majority class scores that prevalence in accuracy.\n\n"
+            + _table(["site", "n", "prevalence", "metric", *models], rows))
 
 
 def _fairness(meta: dict) -> str:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 from fedcare.errors import StoreError
-from fedcare.schemas import ACCEPTED, AUDIT, FAILED, REFUSED, REJECTED
+from fedcare.schemas import ACCEPTED, AUDIT, BENEFIT, FAILED, REFUSED, REJECTED
 
 from .store import EvaluationRow, EventRow, GlobalState, Round, Run, SiteRoundRow
 
@@ -432,3 +432,27 @@ def state_rounds(engine: sa.Engine, run_id: str) -> list[int]:
     stmt = sa.select(GlobalState.round).where(GlobalState.run_id == run_id).order_by(GlobalState.round)
     with engine.connect() as conn:
         return [int(r) for r in conn.execute(stmt).scalars()]
+
+
+# ------------------------------------------------------------------- benefit
+def budget_label(budget: float | None) -> str:
+    """A site's epsilon budget as shown: 0 (or none) means no cap, not a cap of 0."""
+    return "no cap" if not budget else f"{budget:g}"
+
+
+def benefit(engine: sa.Engine, run_id: str) -> pd.DataFrame:
+    """The benefit of joining at the latest round that has it, one row per site and model
+    (global | personal | alone): site, model, round, num_examples and the metrics with
+    their ``_lo``/``_hi`` bounds and (global rows) ``prevalence_<k>``, as the sites sent them."""
+    kinds = EvaluationRow.kind.like(f"{BENEFIT}:%")
+    last = sa.select(sa.func.max(EvaluationRow.round)).where(EvaluationRow.run_id == run_id, kinds).scalar_subquery()
+    stmt = (sa.select(EvaluationRow.scope.label("site"), EvaluationRow.kind, EvaluationRow.round,
+                      EvaluationRow.num_examples, EvaluationRow.metrics)
+            .where(EvaluationRow.run_id == run_id, kinds, EvaluationRow.round == last)
+            .order_by(EvaluationRow.scope, EvaluationRow.kind))
+    rows = _frame(engine, stmt)
+    if rows.empty:
+        return rows
+    metrics = pd.DataFrame(list(rows.pop("metrics")), index=rows.index)
+    rows["model"] = rows.pop("kind").str.removeprefix(f"{BENEFIT}:")
+    return pd.concat([rows, metrics], axis=1)

@@ -163,6 +163,13 @@ def _decode_results(metrics: Mapping[str, Any], info, update: S.SiteUpdate) -> N
     update.local_metrics = _numbers(local, "local_metrics_json") if local is not None else None
     audit = _json(info, S.AUDIT_JSON)
     update.audit = _numbers(audit, S.AUDIT_JSON) if audit is not None else None
+    benefit = _json(info, S.BENEFIT_JSON)
+    if benefit is not None:
+        unknown = [m for m in benefit if m not in S.BENEFIT_MODELS]
+        if unknown or not all(isinstance(v, dict) for v in benefit.values()):
+            raise BadReply(f"{S.BENEFIT_JSON} must map {', '.join(S.BENEFIT_MODELS)} to metrics")
+        update.benefit = {m: _numbers(v, S.BENEFIT_JSON) for m, v in benefit.items()}
+
 
 
 def check_declared_arrays(record, expected: Mapping[str, tuple[tuple[int, ...], str]],

@@ -39,6 +39,13 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
         an audit): the site's empirical lower bound (client/privacy_audit.py) next to what
         its accountant claims; evaluations of kind "audit" hold the same records per round,
     fairness: {<latest non-empty round fairness JSON, as stored>} ({} if none),
+    benefit: {round (the latest round with benefit numbers), level (of the intervals),
+              sites: {site: {n, prevalence: {class: share of the site's test split}
+                             (classes the site suppressed are absent),
+                             global|personal|alone: {metric: {value, lo, hi}}}}}
+        ({} unless the run personalises or trains the alone baseline): each site's own
+        test split scored with the global model, its personal model and the model it
+        trained alone (client/personalize.py), bootstrap intervals computed at the site,
     events: [ {time, kind, message, data} ]
 """
 from __future__ import annotations
@@ -46,7 +53,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from fedcare.schemas import AUDIT, AUDIT_KEYS, PRIVACY_KEYS
+from fedcare.models.benefit import CI_METRICS, LEVEL
+from fedcare.schemas import AUDIT, AUDIT_KEYS, BENEFIT, BENEFIT_MODELS, PRIVACY_KEYS
 
 from .store import Store, clean_json
 
@@ -93,6 +101,7 @@ def build_report(store: Store, run_id: str) -> dict:
         secure_aggregation=secure_aggregation_summary(rounds, run["config"]),
         privacy_audit=privacy_audit_summary(evaluations, site_rounds),
         fairness=next((r["fairness"] for r in reversed(rounds) if r["fairness"]), {}),
+        benefit=benefit_summary(evaluations),
         events=store.events(run_id),
     )
     # no clean_json pass over the whole report: the store wrote JSON already cleaned
@@ -117,6 +126,28 @@ def final_metrics(evaluations: list[dict]) -> dict:
         out["local_metrics"] = next((e["metrics"] for e in rows if e["scope"] == GLOBAL), {})
         out["local_per_site"] = {e["scope"]: e["metrics"] for e in rows if e["scope"] != GLOBAL}
     return out
+
+
+def benefit_summary(evaluations: list[dict]) -> dict:
+    """The ``benefit`` block from evaluation rows (any order): every site's benefit
+    numbers of the latest round that has any."""
+    prefix = BENEFIT + ":"
+    rows = [e for e in evaluations if e["kind"].startswith(prefix)]
+    if not rows:
+        return {}
+    last = max(e["round"] for e in rows)
+    sites: dict[str, dict] = {}
+    for e in sorted((e for e in rows if e["round"] == last), key=lambda e: (e["scope"], e["kind"])):
+        model, m = e["kind"][len(prefix):], e["metrics"]
+        if model not in BENEFIT_MODELS:
+            continue
+        entry = sites.setdefault(e["scope"], {"n": e["num_examples"], "prevalence": {}})
+        if model == "global":
+            entry["prevalence"] = {k.removeprefix("prevalence_"): v for k, v in m.items()
+                                   if k.startswith("prevalence_")}
+        entry[model] = {k: {"value": m[k], "lo": m.get(f"{k}_lo"), "hi": m.get(f"{k}_hi")}
+                        for k in CI_METRICS if m.get(k) is not None}
+    return {"round": last, "level": LEVEL, "sites": dict(sorted(sites.items()))}
 
 
 def privacy_summary(site_rounds: list[dict]) -> dict[str, dict]:

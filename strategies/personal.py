@@ -1,5 +1,11 @@
 """Personalisation: which part of the trainable state a site keeps local.
 
+``personalize.method=personal_head`` (FedPer): on a LoRA task the head (as
+``lora.personalize=head``); on a model whose trainable state is all head (train.mode=head,
+a small model) the output layer's bias, i.e. the site's own class prior, while the
+weights are federated. The other methods (finetune, ditto) keep a whole personal model
+at the site and federate everything (client/personalize.py).
+
 ``lora.personalize``: ``""`` shares everything; ``head`` keeps the non-LoRA trainable
 tensors (the classification head) local and federates the adapter; ``lora_B`` keeps
 every LoRA B local and federates the A factors and the head. The client keeps the
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 
 from .lora import is_lora_b, is_lora_key
@@ -35,4 +42,25 @@ def split_personal(state: Iterable[str], mode: str) -> tuple[set[str], set[str]]
     shared = set(keys) - personal
     if not shared:
         raise ConfigError(f"lora.personalize={mode} leaves nothing to federate")
+    return shared, personal
+
+
+def personal_split(state: Iterable[str], cfg: RunConfig) -> tuple[set[str], set[str]]:
+    """(shared keys, personal keys) of a trainable state under the run's settings: the
+    one place the site (what it keeps) and the server (what it expects) both ask."""
+    keys = list(state)
+    if cfg.lora.personalize:
+        return split_personal(keys, cfg.lora.personalize)
+    if cfg.personalize.method != "personal_head":
+        return set(keys), set()
+    if any(is_lora_key(k) for k in keys):
+        return split_personal(keys, "head")
+    biases = [k for k in keys if k.endswith("bias")]
+    if not biases:
+        raise ConfigError("personalize.method=personal_head on a model without LoRA keeps its output "
+                          "layer's bias local, but this model's trainable state has no bias")
+    personal = {biases[-1]}
+    shared = set(keys) - personal
+    if not shared:
+        raise ConfigError("personalize.method=personal_head leaves nothing to federate")
     return shared, personal

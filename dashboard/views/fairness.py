@@ -74,6 +74,8 @@ def summary_view(names: list[str], summary: dict) -> None:
     for group in names:
         m = summary["by_group"][group]
         rows.append({"group": group, **({k: m.get(k) for k in ["n", *METRICS]} if not m.get("suppressed") else {}),
+                     **{f"{k} 95% CI": f"[{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}]" for k in METRICS
+                        if m.get(f"{k}_lo") is not None},
                      "suppressed at": ", ".join(m.get("suppressed_at", [])) or ""})
     import pandas as pd
 
@@ -83,7 +85,9 @@ def summary_view(names: list[str], summary: dict) -> None:
                                axis=1).format(precision=3, na_rep="suppressed")
     st.dataframe(styled, hide_index=True)
     st.caption(f"Worst group (lowest accuracy) highlighted: **{worst}**. Groups smaller than a site's threshold "
-               "are suppressed at that site and contribute nothing from it.")
+               "are suppressed at that site and contribute nothing from it. Intervals: 95% Wilson score "
+               "intervals from the released counts (a gap between two groups whose intervals overlap widely "
+               "may be chance).")
 
 
 def site_view(by_site: dict, rnd: int) -> None:

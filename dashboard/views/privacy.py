@@ -33,8 +33,8 @@ def body() -> None:
                        "marker": {"color": "#0068c9"}},
                       {"type": "bar", "x": sites, "y": dp["run_epsilon"].to_numpy(), "name": "this run",
                        "marker": {"color": "#83c9ff"}}]
-            if dp["budget"].notna().any():
-                traces.append({"type": "scatter", "x": sites, "y": dp["budget"].to_numpy(), "mode": "markers",
+            if (dp["budget"] > 0).any():   # a budget of 0 is no cap: nothing to draw
+                traces.append({"type": "scatter", "x": sites, "y": dp["budget"].where(dp["budget"] > 0).to_numpy(), "mode": "markers",
                                "name": "budget", "marker": {"symbol": "line-ew-open", "size": 40, "color": "#c62828",
                                                             "line": {"width": 3, "color": "#c62828"}}})
             fig = go.Figure({"data": traces, "layout": {
@@ -46,7 +46,7 @@ def body() -> None:
             series = data.privacy_series(run["run_id"])
             fig = figures.site_lines(series, x="round", y="epsilon", worst="max", markers=len(series) < 200,
                                      title="Lifetime epsilon after each round")
-            for b in dp["budget"].dropna().unique():
+            for b in dp["budget"][dp["budget"] > 0].unique():
                 fig.add_hline(y=float(b), line_dash="dash", line_color="#c62828", annotation_text=f"budget {b:g}")
             common.plot(fig, key="privacy_rounds")
 
@@ -56,7 +56,7 @@ def body() -> None:
                        help=dp.loc[dp['epsilon'].idxmax(), "site"])
         cols[1].metric("This run's epsilon (max over sites)", f"{dp['run_epsilon'].max():.2f}")
         cols[2].metric("Sites that refused a round", int((dp["refused"] > 0).sum()))
-        st.dataframe(dp[["site", "epsilon", "run_epsilon", "budget", "budget used", "delta", "dp_rounds", "refused",
+        st.dataframe(dp.assign(budget=dp["budget"].map(q.budget_label))[["site", "epsilon", "run_epsilon", "budget", "budget used", "delta", "dp_rounds", "refused",
                          "last_round"]], hide_index=True,
                      column_config={"epsilon": st.column_config.NumberColumn("lifetime epsilon", format="%.3f"),
                                     "run_epsilon": st.column_config.NumberColumn("this run", format="%.3f"),
