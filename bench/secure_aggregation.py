@@ -2,8 +2,9 @@
 
 1. cost: round time and bytes per site, plain FedAvg against secure aggregation, at 4, 10
    and 50 sites, through the real round loop and ClientApp handlers in one process
-   (InProcessGrid: the same Flower messages, no SuperLink/Ray; heart-disease-virtual,
-   1 local step so the protocol is not hidden behind training). Medians over rounds 2..R.
+   (InProcessGrid: the same Flower messages, no SuperLink/Ray; heart-disease-virtual),
+   with the task's own local steps and with 1 local step (so the protocol is not hidden
+   behind training). Medians over rounds 2..R; a round includes its evaluate exchange.
    Also the protocol alone at a LoRA-sized update (fedcare/secagg_local.py).
 2. accuracy: heart-disease (the 4 hospitals), the same seeds: plain FedAvg, secure,
    secure with distributed DP at epsilon 8, and server-side client-level DP at epsilon 8.
@@ -28,15 +29,16 @@ from fedcare.config import RunConfig  # noqa: E402
 from fedcare.secagg_local import run_local  # noqa: E402
 
 
-def round_cost(sites: int, secure: bool, rounds: int, workdir: str) -> dict:
-    cfg = RunConfig.from_flat({"task": "heart-disease-virtual", "sites": sites, "rounds": rounds,
-                               "train.local_steps": 1, "secagg.enabled": secure, "strategy.min_sites": 2})
+def round_cost(sites: int, secure: bool, rounds: int, workdir: str, steps: int = 0) -> dict:
+    flat = {"task": "heart-disease-virtual", "sites": sites, "rounds": rounds, "secagg.enabled": secure,
+            **({"train.local_steps": steps} if steps else {})}
+    cfg = RunConfig.from_flat(flat)
     cfg.site.ledger_dir = workdir
-    rep = run_federated(cfg.validate(), f"sqlite:///{workdir}/cost-{sites}-{secure}.db")
+    rep = run_federated(cfg.validate(), f"sqlite:///{workdir}/cost-{sites}-{secure}-{steps}.db")
     later = rep["rounds"][1:] or rep["rounds"]
     times = [r["duration_s"] for r in later]   # train, (secure exchanges,) aggregation, evaluate, store
     per_site = [r["metrics"]["update_bytes_per_site"] for r in later]
-    return {"sites": sites, "secure": secure, "round_s": statistics.median(times),
+    return {"sites": sites, "secure": secure, "local_steps": cfg.train.local_steps, "round_s": statistics.median(times),
             "bytes_per_site": statistics.median(per_site),
             "survivors": later[-1]["metrics"].get("secagg_survivors")}
 
@@ -71,21 +73,27 @@ def main() -> None:
     args = ap.parse_args()
     rounds, seeds = (3, [1]) if args.quick else (5, [1, 2, 3])
     with tempfile.TemporaryDirectory() as work:
-        cost = [round_cost(n, secure, 3, work) for n in (4, 10, 50) for secure in (False, True)]
+        cost = [round_cost(n, secure, 3, work, steps) for steps in (0, 1) for n in (4, 10, 50)
+                for secure in (False, True)]
         proto = [protocol_only(n, d) for n in (4, 10, 50) for d in (14, 100_000)]
         acc = accuracy({
             "plain FedAvg": {},
             "secure": {"secagg.enabled": True},
-            "secure + distributed DP eps 8": {"secagg.enabled": True, "secagg.epsilon": 8.0},
+            "secure + distributed DP eps 8": {"secagg.enabled": True, "secagg.epsilon": 8.0,
+                                              "secagg.min_sites_in_sum": 4},
             "client-level DP eps 8 (server noise)": {"dp.level": "client", "dp.epsilon": 8.0},
         }, rounds, seeds, work)
     rows = []
-    for n in (4, 10, 50):
-        plain, sec = (next(c for c in cost if c["sites"] == n and c["secure"] is s) for s in (False, True))
-        rows.append([n, plain["round_s"], sec["round_s"], sec["round_s"] / plain["round_s"],
-                     plain["bytes_per_site"], sec["bytes_per_site"], sec["bytes_per_site"] / plain["bytes_per_site"]])
-    print("\nround loop in process (heart-disease-virtual, 14 parameters, 1 local step), median of rounds 2-3")
-    t1 = print_table(["sites", "plain s", "secure s", "x", "plain B/site", "secure B/site", "x"], rows)
+    for steps in sorted({c["local_steps"] for c in cost}, reverse=True):
+        for n in (4, 10, 50):
+            plain, sec = (next(c for c in cost if c["sites"] == n and c["secure"] is s and c["local_steps"] == steps)
+                          for s in (False, True))
+            rows.append([n, steps, plain["round_s"], sec["round_s"], sec["round_s"] / plain["round_s"],
+                         plain["bytes_per_site"], sec["bytes_per_site"],
+                         sec["bytes_per_site"] / plain["bytes_per_site"]])
+    print("\nround loop in process (heart-disease-virtual, 14 parameters), median of rounds 2-3")
+    t1 = print_table(["sites", "local steps", "plain s", "secure s", "x", "plain B/site", "secure B/site", "x"],
+                     rows)
     print("\nprotocol alone (fedcare/secagg_local.py): seconds per site and at the coordinator, bytes per site")
     t2 = print_table(["sites", "params", "degree", "site s", "coordinator s", "B/site", "plain B", "x"],
                      [[p["sites"], p["dim"], p["degree"], p["site_s"], p["coordinator_s"], p["bytes_per_site"],

@@ -20,6 +20,7 @@ from fedcare.errors import FedcareError, PolicyRefusal, public_reason
 from fedcare.models.state import get_trainable_state, set_trainable_state, state_nbytes
 from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
+from fedcare.secagg import STEPS
 
 from . import faults
 from .site import Site
@@ -94,6 +95,16 @@ def train(msg: Message, context: Context) -> Message:
         info[S.LORA_RANK] = site.lora_rank
     if site.worker:
         info[S.WORKER] = site.worker
+    if site.cfg.secagg.enabled:   # nothing leaves in the clear: public keys now, the masked input later
+        from .secagg_app import begin
+
+        records, metrics[S.UPDATE_BYTES], ddp = begin(msg, context, site, policy, rnd, shared, received,
+                                                      outcome.result.num_examples)
+        if ddp is not None:   # the site's own hospital-level accountant, in its reply and audit log
+            metrics["secagg_epsilon"] = ddp
+        _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "masked",
+               "" if ddp is None else f"distributed DP epsilon {ddp:.4g} after {rnd} rounds")
+        return _reply(msg, records, metrics, info, evaluation)
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
     _remember(site, policy, rnd, None)
@@ -120,6 +131,34 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _refuse(msg, site, policy, rnd, "evaluate", err)
     info = {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg), **fields}
     return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
+
+
+def _secagg_step(msg: Message, context: Context) -> Message:
+    """A later step of a securely aggregated round (client/secagg_app.py)."""
+    from .secagg_app import step
+
+    site = Site.from_context(context)
+    rnd = int(msg.content[S.CONFIG].get("server-round", 0))
+    try:
+        records = step(msg, context, site)
+    except FedcareError as err:
+        _audit(site, _policy(site), rnd, msg.metadata.message_type, "", 0, None, "refused", str(err))
+        return _refusal(msg, site, str(err))
+    return _reply(msg, records, None, {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)})
+
+
+for _step in STEPS:   # train.secagg_share, train.secagg_mask, train.secagg_unmask
+    app.train(_step)(_secagg_step)
+
+
+def _reply(msg: Message, records, metrics, info: dict, evaluation: dict | None = None) -> Message:
+    records = dict(records.items())
+    if metrics is not None:
+        records[S.METRICS] = metrics
+    records[S.SITE] = ConfigRecord(info)
+    if evaluation is not None:
+        records[S.EVALUATION] = ConfigRecord(evaluation)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def _evaluation(site: Site, policy, model, split, msg: Message, context: Context,

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcare import schemas as S
 from fedcare import secagg as SA
+from fedcare.accounting import secagg_epsilon
 from fedcare.secagg import MASK, MASKED, RECORD, SHARE, UNMASK, round_key
 from fedcare.errors import PolicyRefusal
 from fedcare.records import to_array_record
@@ -38,8 +39,9 @@ def update_vector(site, shared: dict, received: dict) -> tuple[np.ndarray, list[
 
 
 def begin(msg: Message, context: Context, site, policy, rnd: int, shared: dict, received: dict,
-          num_examples: int) -> tuple[RecordDict, int]:
-    """Encode and keep this round's input; (the reply's records but SITE/METRICS, bytes sent)."""
+          num_examples: int) -> tuple[RecordDict, int, float | None]:
+    """Encode and keep this round's input; (the reply's records but SITE/METRICS, bytes
+    sent, the distributed-DP epsilon of this site's rounds 1..rnd or None without it)."""
     vec, _ = update_vector(site, shared, received)
     p = SA.run_params(site.cfg, site.task, vec.size)
     weight = max(1, min(int(num_examples), p.weight_cap))
@@ -49,7 +51,8 @@ def begin(msg: Message, context: Context, site, policy, rnd: int, shared: dict, 
                           getattr(policy, "min_sites_in_sum", 0))
     c_pk, s_pk = session.advertise(encoded)
     context.state[STATE] = ConfigRecord({"session": session.to_json(), "nonce": nonce, "round": rnd})
-    return RecordDict({RECORD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})}), len(c_pk) + len(s_pk)
+    ddp = secagg_epsilon(p, vec.size, rnd, site.cfg.dp.delta) if p.noise_mu > 0 else None
+    return RecordDict({RECORD: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})}), len(c_pk) + len(s_pk), ddp
 
 
 def step(msg: Message, context: Context, site) -> RecordDict:

@@ -68,6 +68,14 @@ def secagg_sensitivity(params, dim: int) -> tuple[float, float]:
     return min(math.sqrt(dim) * l2, l2 ** 2), l2
 
 
+def secagg_epsilon(params, dim: int, rounds: int, delta: float) -> float:
+    """Hospital-level epsilon of ``rounds`` sums, each of at least ``params.min_in_sum``
+    sites adding Skellam(``params.noise_mu``): the same number at a site and at the
+    coordinator."""
+    l1, l2 = secagg_sensitivity(params, dim)
+    return skellam_epsilon(params.noise_mu * params.min_in_sum, l1, l2, rounds, delta)
+
+
 def secagg_noise_mu(params, cfg, dim: int) -> float:
     """Skellam parameter per site so that any sum of at least ``params.min_in_sum`` sites
     carries the run's distributed DP: ``secagg.noise_multiplier`` (total noise std over the

@@ -119,7 +119,7 @@ class Federation:
             metrics["worker_nodes"] = float(len({w.rsplit("/", 2)[-2] for w in placement.values()}))
         self.accepted_updates += len(accepted)
         if len(accepted) >= cfg.strategy.min_sites:
-            new, agg_metrics = self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
+            new, agg_metrics = self._aggregate(rnd, accepted, sites, shared, nonce)
             if new is not None:
                 state = {**state, **new}
             if agg_metrics and S.TRAIN_LOSS in agg_metrics:
@@ -179,6 +179,17 @@ class Federation:
                 time.sleep(POLL_S)
         return replies
 
+    def _aggregate(self, rnd: int, accepted: list[S.SiteUpdate], sites: list[S.SiteRound],
+                   shared: dict[str, np.ndarray], nonce: str):
+        """(new state, metrics) by the strategy, or by secure aggregation (server/secagg.py)."""
+        if not self.cfg.secagg.enabled:
+            return self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
+        from .secagg import secure_aggregate
+
+        new, metrics = secure_aggregate(self, rnd, accepted, sites, shared, nonce)
+        self.strategy.last_diagnostics = metrics   # secagg_* numbers join the round's metrics
+        return new, metrics
+
     def _fit_ranks(self, msgs: list[Message], shared: dict[str, np.ndarray]) -> None:
         """Send each site whose LoRA rank is known (from its earlier replies) the global
         state at its own rank; the others get the global rank and fit it themselves."""
@@ -217,6 +228,8 @@ class Federation:
 
         expected = {k: (v.shape, str(v.dtype)) for k, v in (shared or {}).items()}
         hetero = self.task.uses_lora and self.cfg.lora.aggregation != "ffa"
+        if kind == "train" and self.cfg.secagg.enabled:
+            kind = "keys"   # a train reply carries public keys, no arrays (server/secagg.py)
         by_node = {m.metadata.src_node_id: m for m in replies}
         updates = []
         for m in sent:
@@ -236,6 +249,8 @@ class Federation:
         """Per-site outcome of a training round; only accepted replies are aggregated."""
         from fedcare.strategies.screening import screen_updates
 
+        if self.cfg.secagg.enabled:   # no update to screen: each site's clipping bounds it
+            return [u.site_round() for u in updates], [u for u in updates if u.ok]
         ok = [u for u in updates if u.ok]
         for u in ok:
             if u.lora_rank:

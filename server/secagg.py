@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedcare import schemas as S
 from fedcare import secagg as SA
-from fedcare.accounting import secagg_sensitivity, skellam_epsilon
+from fedcare.accounting import secagg_epsilon
 from fedcare.secagg import MASK, MASKED, RECORD, SHARE, UNMASK, round_key
 from fedcare.records import from_array_record
 from fedcare.strategies.secagg import Coordinator, SecAggFailed
@@ -112,8 +112,7 @@ def secure_aggregate(fed, rnd: int, accepted: list[S.SiteUpdate], sites: list[S.
     if losses and sum(n for _, n in losses):
         metrics[S.TRAIN_LOSS] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
     if p.noise_mu > 0:
-        l1, l2 = secagg_sensitivity(p, dim)
-        metrics["secagg_epsilon"] = skellam_epsilon(p.noise_mu * p.min_in_sum, l1, l2, rnd, cfg.dp.delta)
+        metrics["secagg_epsilon"] = secagg_epsilon(p, dim, rnd, cfg.dp.delta)
     delta = SA.unflatten(mean, shared, keys_order)
     return {k: (np.asarray(shared[k], np.float64) + delta[k]).astype(np.asarray(shared[k]).dtype)
             for k in keys_order}, metrics

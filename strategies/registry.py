@@ -36,6 +36,7 @@ from fedcare.schemas import ARRAYS, CONFIG, NUM_EXAMPLES, TRAIN_LOSS
 
 from .hetero import rank_scale
 from .lora_strategy import LoraAwareStrategy
+from .secagg import check_secagg_config
 
 
 def _common(cfg: RunConfig) -> dict[str, Any]:
@@ -105,6 +106,7 @@ def check_strategy_config(cfg: RunConfig, task: Task) -> None:
     if mode in ("ffa", "exact") and cfg.lora.personalize == "lora_B":
         raise ConfigError(f"lora.personalize=lora_B keeps B at the sites, which leaves nothing for "
                           f"lora.aggregation={mode} to aggregate; use naive or personalize=head")
+    check_secagg_config(cfg, n_sites)
 
 
 def build_strategy(cfg: RunConfig, task: Task) -> LoraAwareStrategy:

@@ -132,4 +132,7 @@ class Coordinator:
         if len(shares) < self.params.threshold:
             raise SecAggFailed(f"{len(shares)} shares of site {j}'s {what}, fewer than the threshold "
                                f"{self.params.threshold}")
-        return SA.combine(shares[: self.params.threshold])
+        try:
+            return SA.combine(shares[: self.params.threshold])
+        except ValueError:
+            raise SecAggFailed(f"the shares of site {j}'s {what} do not combine") from None

@@ -4,7 +4,7 @@ import pytest
 from scipy import stats
 
 from fedcare import secagg as SA
-from fedcare.accounting import secagg_sensitivity, skellam_epsilon
+from fedcare.accounting import secagg_epsilon, secagg_sensitivity, skellam_epsilon
 from fedcare.client.secagg import SiteSession
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PolicyRefusal
@@ -153,9 +153,10 @@ def test_skellam_noise_sums_to_the_runs_noise_and_the_accountant_meets_its_targe
     cfg.secagg.enabled, cfg.secagg.epsilon, cfg.rounds = True, 8.0, 5
     p = SA.params_of(cfg, 4, dim=14)
     assert p.noise_mu > 0 and p.weight_cap == 1
-    l1, l2 = secagg_sensitivity(p, 14)
-    eps = skellam_epsilon(p.noise_mu * p.min_in_sum, l1, l2, cfg.rounds, cfg.dp.delta)
+    eps = secagg_epsilon(p, 14, cfg.rounds, cfg.dp.delta)
     assert 7.0 < eps <= 8.0
+    l1, l2 = secagg_sensitivity(p, 14)    # a sum of fewer sites than assumed carries too little noise
+    assert skellam_epsilon(p.noise_mu * (p.min_in_sum - 1), l1, l2, cfg.rounds, cfg.dp.delta) > 8.0
     rng = np.random.default_rng(0)
     total = sum(SA.skellam(p.noise_mu, 20000, rng) for _ in range(4))
     assert np.var(total) == pytest.approx(2 * p.noise_mu * 4, rel=0.05)

@@ -24,4 +24,6 @@ def test_heart_disease_secure_aggregation_with_distributed_dp_and_a_crashed_site
         assert (m["secagg_survivors"], m["secagg_threshold"], m["aggregated"]) == (3.0, 2.0, 1.0)
         assert m["secagg_weight"] == 3.0            # distributed DP: every site weighs 1
         assert 0 < m["secagg_epsilon"] <= 8.0 and np.isfinite(m["eval"]["accuracy"])
+        # each site's own accountant (its reply and audit log) agrees with the coordinator's
+        assert all(s["metrics"]["secagg_epsilon"] == pytest.approx(m["secagg_epsilon"]) for s in sites.values())
     assert rep["rounds"][0]["metrics"]["secagg_epsilon"] < rep["rounds"][1]["metrics"]["secagg_epsilon"]
