@@ -142,7 +142,7 @@ def start(
     superlink: str = typer.Option(..., help="The coordinator's SuperLink as HOST:PORT"),
     root_cert: Path = typer.Option(..., help="The federation's CA certificate (ca.pem from the coordinator)"),
     node_key: Path = typer.Option(..., help="This site's private node key (from `fedcare certs site`)"),
-    ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite; created if missing)"),
+    ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite; created, with its folder, if missing)"),
     policy: Optional[Path] = typer.Option(None, help="The site's policy (TOML); without it every run is allowed"),
     audit: Optional[Path] = typer.Option(None, help="Audit log (default: SITE_ID.audit.jsonl next to the ledger)"),
     task: Optional[str] = typer.Option(None, help="Check now that --data loads for this task (and let the "
@@ -154,15 +154,19 @@ def start(
                                         "several sites share one machine's cores)"),
     per_message: bool = typer.Option(False, help="Let flwr start a fresh ClientApp process for every message "
                                                  "instead of the site's long-lived executor"),
+    sets: list[str] = typer.Option([], "--set", help="With --task: the run's data contract to check --data against "
+                                                     "before joining, e.g. data.labels=a,b (a family task needs it)"),
 ) -> None:
     """Join the federation: start this site's SuperNode (runs until Ctrl-C)."""
     from fedcare.server.deploy import SiteSpec, run_site
+
+    ledger.expanduser().parent.mkdir(parents=True, exist_ok=True)   # the ledger's folder, as its help says
 
     spec = SiteSpec(site_id=site_id, node_key=node_key.expanduser(), data_path=data.expanduser(),
                     ledger=ledger.expanduser(), policy=policy.expanduser() if policy else None,
                     audit=audit.expanduser() if audit else None, lora_rank=lora_rank, port=port, threads=threads)
     run_site(spec, superlink, root_cert.expanduser(), workdir.expanduser(), task=task, echo=typer.echo,
-             per_message=per_message)
+             per_message=per_message, contract=tuple(sets))
 
 
 @site_app.command("audit")

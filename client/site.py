@@ -24,6 +24,7 @@ from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 from fedcare.models.base import SiteSplit, Task
 from fedcare.models.registry import get_task
+from fedcare.models.sitedata import site_paths
 from fedcare.models.training import pick_device
 
 
@@ -46,10 +47,18 @@ class Site:
             cfg.site.ledger_dir = ""
         elif nc.get("data-path"):
             cfg.data.path = str(nc["data-path"])
+        own = site_paths(cfg.data.site_paths) if "site-id" not in nc else {}
+        cfg.data.site_paths = ""
         cfg.validate()
         task = get_task(cfg.task)
         if "site-id" in nc:
             site_id = str(nc["site-id"])
+        elif own and "partition-id" in nc:    # a simulation of described folders: one per virtual site
+            names = list(own)
+            pid = int(nc["partition-id"])
+            if pid >= len(names):
+                raise ConfigError(f"partition {pid} has no site: the simulation names {len(names)} (--site)")
+            site_id, cfg.data.path = names[pid], own[names[pid]]
         elif "partition-id" in nc:
             ids = task.site_ids(cfg)
             pid = int(nc["partition-id"])

@@ -40,13 +40,15 @@ def simulate(
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (auto | HOST:PORT; default $RAY_ADDRESS) instead of starting a Ray on this machine"),
     site_cpus: float = typer.Option(1, help="CPUs each virtual hospital holds while it trains (whole CPUs)"),
     site_gpus: Optional[float] = typer.Option(None, help="GPU share each virtual hospital holds (0.5: two share a GPU; default: a share of the GPUs when there are any, else 0)"),
+    site: List[str] = typer.Option([], "--site", help="NAME=FOLDER: a virtual hospital reading its own described folder (dataset.toml); repeat for each site"),
 ) -> None:
     """Run a Flower simulation of TASK with virtual hospitals, on this machine or on a
     Ray cluster (--ray-address)."""
     from .flower import ray_setup
-    from .launch import resolve_config
+    from .launch import resolve_config, site_sets
 
-    cfg = resolve_config(task, [*set_, *_baseline_sets(baselines)], sites=sites, rounds=rounds, seed=seed,
+    sites = len(site) if site else sites
+    cfg = resolve_config(task, [*set_, *_baseline_sets(baselines), *site_sets(site)], sites=sites, rounds=rounds, seed=seed,
                          **({"strategy.name": strategy} if strategy else {}))
     ray = ray_setup(ray_address, site_cpus, site_gpus, cfg.sites)
     run_id = run_simulation(cfg, _db(db), ledger_dir, quiet, ray)

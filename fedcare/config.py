@@ -23,6 +23,7 @@ class DataConfig:
     max_test_per_site: int = 0
     test_fraction: float = 0.2     # for tasks that re-split their corpus
     path: str = ""                 # a site's own data folder (deployment); "" = bundled copy
+    site_paths: str = ""           # simulation: each virtual site's own folder, "a=/data/a,b=/data/b" (--site)
     # the run's data contract (task families; "" / 0 = the preset's or family's default):
     labels: str = ""               # label names in order, comma-separated
     features: str = ""             # tabular: "age,sex,cp=1|2|3|4" (name = numeric, name=a|b = categorical)

@@ -46,6 +46,23 @@ def resolve_config(task: str, sets: list[str], **explicit) -> RunConfig:
     return cfg
 
 
+def site_sets(items: list[str]) -> list[str]:
+    """``fedcare simulate --site NAME=FOLDER ...``: the ``--set`` that gives each virtual site
+    its own described folder (absolute, so every Ray worker finds it)."""
+    from .errors import DataError
+    from .models.sitedata import DESCRIPTION, has_description, site_paths
+
+    own = site_paths(",".join(items))
+    for name, folder in own.items():
+        path = Path(folder).expanduser().resolve()
+        if not has_description(path):
+            raise DataError(f"--site {name}={folder}: no {DESCRIPTION} in that folder (docs/data.md)")
+        if "," in str(path) or "=" in str(path):
+            raise ConfigError(f"--site {name}={folder}: a folder whose path holds ',' or '=' cannot be named here")
+        own[name] = str(path)
+    return [f"data.site_paths={','.join(f'{k}={v}' for k, v in own.items())}"] if own else []
+
+
 def register_run(cfg: RunConfig, db: str):
     """Open the store (fails before anything starts if it cannot) and create the run."""
     from .server.store import Store

@@ -154,6 +154,19 @@ class Description:
         return self.columns.get(role, default)
 
 
+def site_paths(text: str) -> dict[str, str]:
+    """``data.site_paths`` ("a=/data/a,b=/data/b"): virtual site name -> its own folder."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, folder = (v.strip() for v in item.partition("="))
+        if not (sep and name and folder):
+            raise ConfigError(f"a simulated site is NAME=FOLDER (fedcare simulate --site), got {item!r}")
+        if name in out:
+            raise ConfigError(f"simulated site {name} is given twice")
+        out[name] = folder
+    return out
+
+
 def has_description(folder: str | Path) -> bool:
     return bool(folder) and (Path(folder) / DESCRIPTION).is_file()
 

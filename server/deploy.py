@@ -556,14 +556,15 @@ def run_coordinator(tls: TlsFiles, database: Path, workdir: Path, flwr_home: Pat
             link.stop()
 
 
-def check_site_data(task: str, data_path: Path, site_id: str = "site") -> int:
-    """Load the site's data the way the ClientApp will; return its training examples."""
+def check_site_data(task: str, data_path: Path, site_id: str = "site", contract: tuple[str, ...] = ()) -> int:
+    """Load the site's data the way the ClientApp will; return its training examples.
+    ``contract``: the run's data contract as --set items (data.labels=..., data.features=...)."""
     from fedcare.config import RunConfig
     from fedcare.models.registry import get_task
 
     from fedcare.models.sitedata import has_description
 
-    cfg = RunConfig(task=task)
+    cfg = RunConfig(task=task).apply_sets(list(contract))
     if has_description(data_path):   # before any run: the description's labels stand in for the contract
         from fedcare.client.check import check_folder
 
@@ -600,13 +601,13 @@ def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *
 
 def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
              flwr_home: Path | None = None, task: str | None = None, echo=print,
-             join_timeout: float = 120.0, per_message: bool = False) -> None:
+             join_timeout: float = 120.0, per_message: bool = False, contract: tuple[str, ...] = ()) -> None:
     """``fedcare site start``: check everything, start the SuperNode and the site's
     executor, report the node id, hold until interrupted; explain in one line if it is
     refused or stops."""
     check_site(spec, root_cert)
     if task and spec.data_path:
-        n = check_site_data(task, spec.data_path, spec.site_id)
+        n = check_site_data(task, spec.data_path, spec.site_id, contract)
         echo(f"{spec.data_path}: {n} training examples for task {task}")
     check_superlink_reachable(superlink, root_cert)
     with _terminate_on_sigterm():

@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _venv_with_flower_scripts(venv: Path) -> Path:
-    """A venv that sees the system's packages (torch, flwr...) but not fedcare's source;
-    flwr's console scripts are re-pointed at the venv's python, as pip would write them,
-    so the SuperLink and the apps it spawns import the installed wheel."""
+    """A venv that sees the running interpreter's packages (torch, flwr...) but not
+    fedcare's source; flwr's console scripts are re-pointed at the venv's python, as pip
+    would write them, so the SuperLink and the apps it spawns import the installed wheel.
+
+    ``--system-site-packages`` sees the *base* interpreter's packages: when the tests
+    run inside a virtual environment (the README's install), a .pth file adds that
+    environment's site-packages too (as plain paths: its editable fedcare stays unseen)."""
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        outer = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+        (Path(own) / "_running_interpreter.pth").write_text("".join(f"{p}\n" for p in outer))
     system_bin = Path(shutil.which("flower-superlink")).parent
     for script in system_bin.iterdir():
         if script.name.startswith(("flwr", "flower-")) and script.is_file():
@@ -74,3 +85,26 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_a_simulation(tmp_path):
     assert report["status"] == "completed" and len(report["rounds"]) == 1
     assert {s["site"] for s in report["rounds"][0]["sites"] if s["accepted"]} == {
         "cleveland", "hungary", "switzerland", "va"}
+
+
+def test_the_venv_sees_the_running_interpreters_packages_even_inside_a_venv(tmp_path):
+    """Run the helper from inside a virtual environment holding a package the base
+    interpreter lacks: the venv it makes must see that package (it did not: the README's
+    venv install then failed with ModuleNotFoundError: tomli_w)."""
+    outer = tmp_path / "outer"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(outer)], check=True)
+    outer_python = outer / "bin" / "python"
+    purelib = subprocess.run([str(outer_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "only_in_the_outer_venv.py").write_text("WHERE = 'outer'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{outer / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    made = subprocess.run([str(outer_python), "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                           "from test_wheel_e2e import _venv_with_flower_scripts as v; "
+                           "print(v(__import__('pathlib').Path(sys.argv[2])))", str(ROOT / "tests"),
+                           str(tmp_path / "inner")], capture_output=True, text=True, env=env, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    inner_python = made.stdout.split()[-1]
+    seen = subprocess.run([inner_python, "-c", "import only_in_the_outer_venv as m, flwr; print(m.WHERE)"],
+                          capture_output=True, text=True, env=env)
+    assert seen.returncode == 0 and seen.stdout.strip() == "outer", seen.stderr[-2000:]
