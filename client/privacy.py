@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
+from fedcare.accounting import noise_for_epsilon
 from fedcare.config import RunConfig
 from fedcare.errors import PrivacyError
 
@@ -86,17 +87,14 @@ def plan_round(cfg: RunConfig, num_train: int) -> DPPlan:
 @functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest noise multiplier (within Opacus' tolerance) whose ``steps`` Poisson-
-    subsampled Gaussian steps at ``sample_rate`` spend at most ``target_epsilon``."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+    subsampled Gaussian steps at ``sample_rate`` spend at most ``target_epsilon``: Opacus'
+    search with the bounded accounting of ``fedcare.accounting`` (the same numbers while
+    the PRV accountant fits its memory limit; beyond it the RDP bound, so more noise)."""
     if not target_epsilon > 0 or not math.isfinite(target_epsilon):
         raise PrivacyError(f"dp.epsilon must be a positive number, got {target_epsilon}")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                              epsilon_tolerance=min(0.01, target_epsilon / 20)))
+        return noise_for_epsilon(target_epsilon, delta, sample_rate, steps, accountant,
+                                 tolerance=min(0.01, target_epsilon / 20))
     except (ValueError, OverflowError, FloatingPointError) as exc:
         raise PrivacyError(f"dp.epsilon={target_epsilon:g} at dp.delta={delta:g} is impossible for "
                            f"{steps} steps at sample rate {sample_rate:.3g} ({exc}); raise dp.epsilon, "
