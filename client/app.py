@@ -74,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
         outcome = train_on_site(
             site.task, model, split, site.cfg, site.device,
             run_id=run_id, server_round=rnd, ledger=ledger,
-            budget=_budget(site, policy), dataset_id=site.dataset_id,
+            budget=_budget(site, policy), dataset_id=site.dataset_id, policy=policy,
         )
     except FedcareError as err:
         return _refuse(msg, site, policy, rnd, "train", err, evaluation)

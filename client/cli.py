@@ -21,13 +21,18 @@ def site() -> None:
 @site_app.command("privacy")
 def privacy(
     ledger: Path = typer.Option(..., help="The site's privacy ledger file (SQLite)"),
-    budget: Optional[float] = typer.Option(None, help="Epsilon cap to compare with (default: the cap recorded with the latest round)"),
-    delta: Optional[float] = typer.Option(None, help="Report epsilon at this delta (default: the latest round's)"),
-    accountant: Optional[str] = typer.Option(None, help="prv or rdp (default: the latest round's)"),
+    policy: Optional[Path] = typer.Option(None, help="The site's policy: report at its delta and accountant, "
+                                                     "against its epsilon_cap"),
+    budget: Optional[float] = typer.Option(None, help="Epsilon cap to compare with (default: the policy's, "
+                                                      "else the cap recorded with the latest round)"),
+    delta: Optional[float] = typer.Option(None, help="Report epsilon at this delta (default: the policy's, else "
+                                                     "the smallest recorded: the site's own)"),
+    accountant: Optional[str] = typer.Option(None, help="prv or rdp (default: the policy's, else the latest round's)"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
     """What each dataset's records have spent, per run and in total, and what is left."""
     from .ledger import SiteLedger
+    from .policy import load_policy
 
     if not ledger.is_file():
         raise PrivacyError(f"no privacy ledger at {ledger}; give the path the site's SuperNode "
@@ -36,6 +41,11 @@ def privacy(
         raise PrivacyError(f"--accountant must be prv or rdp, got {accountant!r}")
     if delta is not None and not 0 < delta < 1:
         raise PrivacyError(f"--delta must be in (0, 1), got {delta}")
+    site = load_policy(policy.expanduser() if policy else None)
+    if site is not None:
+        delta = delta if delta is not None else (site.delta or None)
+        accountant = accountant or site.accountant or None
+        budget = budget if budget is not None else site.epsilon_cap
     summary = SiteLedger(ledger).summary(delta=delta, accountant=accountant, budget=budget)
     if as_json:
         typer.echo(json.dumps({"ledger": str(ledger), "datasets": summary}, indent=2, default=_json_default))

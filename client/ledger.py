@@ -186,12 +186,14 @@ class SiteLedger:
     def summary(self, delta: float | None = None, accountant: str | None = None,
                 budget: float | None = None) -> list[dict]:
         """Per dataset: its lifetime spend and what is left, and per run what that run
-        spent. Delta, accountant and budget default to the dataset's latest record."""
+        spent. Delta defaults to the smallest the dataset's records were measured at (a
+        site records the delta it measures at, its own, never a run's), accountant and
+        budget to the dataset's latest record."""
         out = []
         for dataset_id in self.datasets():
             entries = self.entries(dataset_id)
             last = entries[-1]
-            d = delta if delta is not None else last.delta
+            d = delta if delta is not None else min(e.delta for e in entries)
             acc = accountant or last.accountant
             cap = budget if budget is not None else last.budget
             lifetime = epsilon_of([e.event for e in entries], d, acc)

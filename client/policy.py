@@ -6,10 +6,20 @@ The policy is a TOML file owned by the site (never sent by the server)::
     epsilon_cap = 8.0            # lifetime epsilon cap of this site's data (0 = none)
     max_epsilon_per_run = 3.0    # refuse a run planned to spend more (0 = no limit)
     min_noise_multiplier = 0.8   # refuse weaker noise (0 = no limit)
-    require_dp = true            # refuse runs without DP (sample- or client-level)
+    require_dp = true            # refuse runs without record-level DP (DP-SGD here, dp.level=sample)
+    accept_client_level_dp = false   # true: require_dp is also met by dp.level=client
     require_client_level_dp = false
+    delta = 1e-5                 # the site's delta (0 or absent: min(1e-5, 1/(10 N)), N its
+                                 # training records); a run may ask only for the same or smaller
+    accountant = "prv"           # the site's accountant (absent: the run's); a run must use it
     require_secure_aggregation = false   # refuse runs without secure aggregation
     min_sites_in_sum = 0         # secure aggregation: never help unmask a sum of fewer sites
+
+    [limits]                     # 0 or absent: no limit
+    max_rounds_per_run = 100     # refuse longer runs
+    max_local_steps = 1000       # refuse more optimiser steps per round
+    max_batch_size = 256         # refuse larger training batches
+    max_task_seconds = 3600      # stop a training task past this wall time, refuse it
 
     [data]
     min_local_examples = 20      # refuse if the site has fewer training examples
@@ -34,6 +44,10 @@ The policy is a TOML file owned by the site (never sent by the server)::
 
 The policy is checked for every message kind (train, evaluate); a refusal is a normal
 reply with the reason. Fault injection (``faults.*``) is refused at every deployed site.
+Every epsilon the site checks (``max_epsilon_per_run``, ``epsilon_cap``, the ledger's
+lifetime spend) is measured at the site's delta with the site's accountant, never at the
+run's; the check bounds its own work (the limits first, then accounting whose memory is
+capped, ``fedcare.accounting``), so any run is answered in bounded time and memory.
 Every list that is present and non-empty must contain the run's value (AND). The
 policy's fingerprint is the sha256 of the file's bytes; it goes into every audit entry.
 """
@@ -44,6 +58,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedcare.accounting import accounting_note, epsilon_of, gaussian_noise_lower_bound
 from fedcare.compat import tomllib
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PolicyRefusal
@@ -51,7 +66,10 @@ from fedcare.errors import ConfigError, PolicyRefusal
 _SECTIONS: dict[str, dict[str, type]] = {
     "privacy": {"epsilon_cap": float, "max_epsilon_per_run": float, "min_noise_multiplier": float,
                 "require_dp": bool, "require_client_level_dp": bool,
-                "require_secure_aggregation": bool, "min_sites_in_sum": int},
+                "require_secure_aggregation": bool, "min_sites_in_sum": int,
+                "accept_client_level_dp": bool, "delta": float, "accountant": str},
+    "limits": {"max_rounds_per_run": int, "max_local_steps": int, "max_batch_size": int,
+               "max_task_seconds": float},
     "data": {"min_local_examples": int},
     "code": {"allowed_tasks": list, "allowed_base_models": list,
              "allowed_fedcare_versions": list, "allowed_fab_hashes": list},
@@ -70,6 +88,13 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     require_dp: bool = False
     require_client_level_dp: bool = False
+    accept_client_level_dp: bool = False
+    delta: float = 0.0             # 0: derived from the site's record count (site_delta)
+    accountant: str = ""           # "": the run's
+    max_rounds_per_run: int = 0    # [limits]: 0 = no limit
+    max_local_steps: int = 0
+    max_batch_size: int = 0
+    max_task_seconds: float = 0.0
     require_secure_aggregation: bool = False   # refuse runs whose updates the coordinator would see
     min_sites_in_sum: int = 0      # secure aggregation: refuse to unmask a sum of fewer sites
     min_local_examples: int = 0
@@ -122,14 +147,45 @@ class SitePolicy:
         if num_local_examples < self.min_local_examples:
             refuse(f"the site has {num_local_examples} training examples, fewer than "
                    f"min_local_examples={self.min_local_examples}")
+        self._check_limits(cfg, refuse)   # before any accounting: these cost nothing
         level = cfg.dp.level
         if self.require_client_level_dp and level != "client":
             refuse(f"client-level DP is required (dp.level=client), the run has dp.level={level}")
         if self.require_dp and level == "none":
             refuse("differential privacy is required, the run has dp.level=none")
+        if self.require_dp and level == "client" and not (self.accept_client_level_dp or self.require_client_level_dp):
+            refuse("record-level DP (DP-SGD at this site, dp.level=sample) is required; the run has "
+                   "dp.level=client, noise the coordinator adds, which this policy does not accept "
+                   "(accept_client_level_dp = false)")
+        if level == "client" and self.min_noise_multiplier:
+            noise = client_noise_at_least(cfg)
+            if noise < self.min_noise_multiplier:
+                refuse(f"client-level noise multiplier {noise:.3g} is below min_noise_multiplier="
+                       f"{self.min_noise_multiplier}")
         if self.require_secure_aggregation and not cfg.secagg.enabled:
             refuse("secure aggregation is required (secagg.enabled=true); the run sends updates in the clear")
-        if level != "sample" or not (self.min_noise_multiplier or self.max_epsilon_per_run or self.epsilon_cap):
+        if level == "sample":
+            self._check_sample_dp(cfg, num_local_examples, refuse)
+
+    def _check_limits(self, cfg: RunConfig, refuse) -> None:
+        for value, limit, name, key in ((cfg.rounds, self.max_rounds_per_run, "rounds", "max_rounds_per_run"),
+                                        (cfg.train.local_steps, self.max_local_steps, "train.local_steps",
+                                         "max_local_steps"),
+                                        (cfg.train.batch_size, self.max_batch_size, "train.batch_size",
+                                         "max_batch_size")):
+            if limit and value > limit:
+                refuse(f"{name}={value} is more than the site's {key}={limit}")
+
+    def _check_sample_dp(self, cfg: RunConfig, num_local_examples: int, refuse) -> None:
+        """DP-SGD at this site: the run's delta and accountant against the site's, its
+        noise against the floor, and its planned epsilon, measured at the site's delta
+        with the site's accountant (bounded work), against the caps."""
+        if self.delta and cfg.dp.delta > self.delta:
+            refuse(f"dp.delta={cfg.dp.delta:g} is larger than the site's delta={self.delta:g}; "
+                   "a run may ask only for the same or a smaller delta")
+        if self.accountant and cfg.dp.accountant != self.accountant:
+            refuse(f"dp.accountant={cfg.dp.accountant} is not the site's accountant={self.accountant}")
+        if not (self.min_noise_multiplier or self.max_epsilon_per_run or self.epsilon_cap):
             return
         from .privacy import plan_round
 
@@ -138,13 +194,26 @@ class SitePolicy:
             refuse(f"noise multiplier {noise:.3g} is below min_noise_multiplier={self.min_noise_multiplier}")
         if not (self.max_epsilon_per_run or self.epsilon_cap):
             return
-        _, epsilon = planned_sample_dp(cfg, num_local_examples)
+        delta, accountant = self.site_delta(num_local_examples), self.site_accountant(cfg)
+        events = planned_events(cfg, num_local_examples)
+        epsilon = epsilon_of(events, delta, accountant)
+        at = f" (at the site's delta {delta:g}, {accountant}){accounting_note(events, delta, accountant)}"
         if self.max_epsilon_per_run and epsilon > self.max_epsilon_per_run * (1 + 1e-6):
             refuse(f"the run is planned to spend epsilon {epsilon:.3g} at this site, more than "
-                   f"max_epsilon_per_run={self.max_epsilon_per_run}")
+                   f"max_epsilon_per_run={self.max_epsilon_per_run}{at}")
         if self.epsilon_cap and epsilon > self.epsilon_cap * (1 + 1e-6):
             refuse(f"the run alone is planned to spend epsilon {epsilon:.3g}, more than the "
-                   f"site's epsilon_cap={self.epsilon_cap}")
+                   f"site's epsilon_cap={self.epsilon_cap}{at}")
+
+    # ------------------------------------------------------- the site's accounting
+    def site_delta(self, num_local_examples: int) -> float:
+        """The delta every epsilon of this site is measured at: the policy's, or
+        min(1e-5, 1/(10 N)) for N training records."""
+        return self.delta or min(1e-5, 1 / (10 * max(1, num_local_examples)))
+
+    def site_accountant(self, cfg: RunConfig) -> str:
+        """The policy's accountant, or the run's (each is an upper bound on epsilon)."""
+        return self.accountant or cfg.dp.accountant
 
 
 def load_policy(path: str | Path | None) -> SitePolicy | None:
@@ -170,6 +239,13 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
                 "max_evaluations_per_run", "min_cell_size"):
         if out.get(key, 0) < 0:
             raise ConfigError(f"site policy {path}: {key} must be >= 0")
+    for key in ("max_rounds_per_run", "max_local_steps", "max_batch_size", "max_task_seconds"):
+        if out.get(key, 0) < 0:
+            raise ConfigError(f"site policy {path}: limits.{key} must be >= 0")
+    if not 0 <= out.get("delta", 0.0) < 1:
+        raise ConfigError(f"site policy {path}: privacy.delta must be in (0, 1), or 0 to derive it")
+    if out.get("accountant", "") not in ("", "prv", "rdp"):
+        raise ConfigError(f"site policy {path}: privacy.accountant must be prv or rdp")
     if out.get("release", "noised") not in ("noised", "exact", "none"):
         raise ConfigError(f"site policy {path}: evaluation.release must be noised, exact or none")
     return out
@@ -207,12 +283,30 @@ def base_model_of(cfg: RunConfig) -> str:
     return str(override or getattr(get_task(cfg.task), "base_model", "") or "")
 
 
-def planned_sample_dp(cfg: RunConfig, num_local_examples: int) -> tuple[float, float]:
-    """(noise multiplier, epsilon) DP-SGD will use at a site with this many training
-    examples over the whole run, computed as the site's privacy engine and ledger do."""
-    from .ledger import epsilon_of
+def planned_events(cfg: RunConfig, num_local_examples: int) -> list[tuple[float, float, int]]:
+    """(noise multiplier, sample rate, steps) of every DP-SGD step the run plans at a
+    site with this many training examples (``cfg.site_dp_steps``: the rounds' and any
+    personal or alone-baseline steps), as its privacy engine will take them."""
     from .privacy import plan_round
 
     plan = plan_round(cfg, num_local_examples)
-    run = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * cfg.rounds
-    return plan.noise_multiplier, epsilon_of(run, cfg.dp.delta, cfg.dp.accountant)
+    return [(plan.noise_multiplier, plan.sample_rate, cfg.site_dp_steps)]
+
+
+def planned_sample_dp(cfg: RunConfig, num_local_examples: int, delta: float | None = None,
+                      accountant: str | None = None) -> tuple[float, float]:
+    """(noise multiplier, epsilon) DP-SGD will use at a site with this many training
+    examples over the whole run, computed as the site's privacy engine and ledger do, at
+    ``delta`` with ``accountant`` (default: the run's)."""
+    events = planned_events(cfg, num_local_examples)
+    return events[0][0], epsilon_of(events, cfg.dp.delta if delta is None else delta,
+                                    accountant or cfg.dp.accountant)
+
+
+def client_noise_at_least(cfg: RunConfig) -> float:
+    """A lower bound on the noise multiplier client-level DP will use: dp.noise_multiplier,
+    or, for a target dp.epsilon over the rounds, the exact Gaussian mechanism's multiplier
+    (the server's accountant calibrates to at least as much noise)."""
+    if cfg.dp.epsilon > 0:
+        return gaussian_noise_lower_bound(cfg.dp.epsilon, cfg.dp.delta, cfg.rounds)
+    return float(cfg.dp.noise_multiplier)

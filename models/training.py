@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
-from fedcare.errors import DataError
+from fedcare.errors import DataError, PolicyRefusal
 
 from .base import Task
 
@@ -70,9 +70,12 @@ def train_steps(
     device: torch.device,
     proximal_mu: float = 0.0,
     after_first_step: Callable[[], None] | None = None,
+    deadline: float = 0.0,
 ) -> TrainResult:
     """Run ``steps`` optimiser steps, cycling over ``loader``. With ``proximal_mu`` > 0
-    adds FedProx's (mu/2)||w - w_global||^2 on the trainable parameters."""
+    adds FedProx's (mu/2)||w - w_global||^2 on the trainable parameters. With a
+    ``deadline`` (a ``time.monotonic()`` value; the site's ``max_task_seconds``) the loop
+    stops at the first step that starts past it and raises PolicyRefusal."""
     model.train()
     anchors = None
     if proximal_mu > 0:
@@ -81,6 +84,9 @@ def train_steps(
     t0 = time.perf_counter()
     it = _cycle(loader)
     for step in range(steps):
+        if deadline and time.monotonic() > deadline:
+            raise PolicyRefusal(f"site policy refuses the run: the training task ran past the site's "
+                                f"max_task_seconds and was stopped after {step} of {steps} steps")
         batch = next(it)
         batch = tuple(t.to(device) for t in batch)
         if batch[0].shape[0] == 0:

@@ -94,6 +94,10 @@ def test_planned_epsilon_matches_target_and_noise_is_monotone():
     ("[data]\nmin_local_examples = 2.5", "expects int"),
     ("[code]\nallowed_tasks = 'heart-disease'", "list of strings"),
     ("[privacy]\nepsilon_cap = -1", "must be >= 0"),
+    ("[privacy]\ndelta = 1.5", "privacy.delta must be in"),
+    ('[privacy]\naccountant = "gdp"', "privacy.accountant must be prv or rdp"),
+    ("[limits]\nmax_task_seconds = -1", "limits.max_task_seconds must be >= 0"),
+    ("[limits]\nmax_steps = 10", "unknown key 'max_steps' in \\[limits\\]"),
 ])
 def test_bad_policy_files_name_the_file(tmp_path, text, msg):
     p = write(tmp_path, text)
