@@ -18,7 +18,10 @@ from fedcare.models.registry import get_task
 from fedcare.models.sitedata import Contract, Feature, describe, parse_features
 
 #: a preset's family and contract (its dataset.toml must describe that family)
-PRESETS = ("heart-disease", "medical-abstracts", "breastmnist")
+PRESETS = ("heart-disease", "medical-abstracts", "breastmnist", "medical-llm")
+FAMILY_OF = {"heart-disease": "tabular", "medical-abstracts": "text", "breastmnist": "image", "medical-llm": "text"}
+#: tasks whose model is a language model with a LoRA adapter (no classifier head)
+LANGUAGE_MODELS = ("medical-llm", "instruct")
 
 
 def preset_contract(task: str) -> Contract | None:
@@ -26,7 +29,7 @@ def preset_contract(task: str) -> Contract | None:
         from fedcare.models.heart_disease import FEATURES, LABELS
 
         return Contract(LABELS, parse_features(FEATURES))
-    if task == "medical-abstracts":
+    if task in ("medical-abstracts", "medical-llm"):   # medical-llm asks each abstract as its question
         from fedcare.models.medical_abstracts import preset_contract as abstracts
 
         return abstracts()
@@ -43,7 +46,7 @@ def check_folder(path: str, task: str | None, cfg: RunConfig, min_group_size: in
     summary (DataError naming file/row if bad). ``mode``: the run's train.mode (None: the
     task's own), which decides what leaves the site."""
     desc = describe(path)
-    family = {"heart-disease": "tabular", "medical-abstracts": "text", "breastmnist": "image"}.get(task or "", task)
+    family = FAMILY_OF.get(task or "", task)
     if family and family != desc.family:
         raise ConfigError(f"--task {task} reads a {family} dataset but {desc.path} describes family = \"{desc.family}\"")
     preset = preset_contract(task or "")
@@ -52,10 +55,10 @@ def check_folder(path: str, task: str | None, cfg: RunConfig, min_group_size: in
     contract = Contract.from_config(cfg, preset)
     prepared = prepare(desc, contract, decode_all=True)
     mode = mode or get_task(task or desc.family).settings()["train.mode"]
-    return summarise(prepared, min_group_size, mode)
+    return summarise(prepared, min_group_size, mode, task or desc.family)
 
 
-def summarise(p: Prepared, min_group_size: int, mode: str = "lora") -> dict[str, Any]:
+def summarise(p: Prepared, min_group_size: int, mode: str = "lora", task: str = "") -> dict[str, Any]:
     lab, desc, names = p.labelled, p.desc, p.contract.labels
     out: dict[str, Any] = {
         "folder": str(desc.folder), "dataset_id": desc.dataset_id, "family": desc.family, "format": desc.format,
@@ -89,7 +92,7 @@ def summarise(p: Prepared, min_group_size: int, mode: str = "lora") -> dict[str,
         hidden = suppressed_groups(sizes, min_group_size)
         out["groups"][attr] = {g: {"test_rows": n, "suppressed": g in hidden} for g, n in sizes.items()}
     out["min_group_size"] = min_group_size
-    out["leaves_the_site"] = leaves(p, min_group_size, mode)
+    out["leaves_the_site"] = leaves(p, min_group_size, mode, task)
     return out
 
 
@@ -98,10 +101,10 @@ MODEL_PARTS = {"lora": "the LoRA adapter and classifier head", "head": "the clas
                "encoder stays as shipped; no LoRA adapter)", "full": "all of the model's parameters"}
 
 
-def leaves(p: Prepared, min_group_size: int, mode: str = "lora") -> str:
+def leaves(p: Prepared, min_group_size: int, mode: str = "lora", task: str = "") -> str:
     if p.desc.family == "tabular":
         model = "the logistic-regression weights"
-    elif p.desc.family == "instruct":
+    elif p.desc.family == "instruct" or task in LANGUAGE_MODELS:
         model = "the LoRA adapter" if mode == "lora" else MODEL_PARTS[mode]
     else:
         model = MODEL_PARTS[mode]

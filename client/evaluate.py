@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from fedcare.errors import DataError
 from fedcare.models.base import SiteSplit
 from fedcare.models.package import ExportedModel, load_model
+from fedcare.models.sitedata import describe, has_description
 from fedcare.models.training import pick_device, predict_dataset
 
 BINS = 10
@@ -35,6 +36,9 @@ def site_split(exported: ExportedModel, data: Path, site: str | None) -> tuple[s
         if task.fixed_sites is None:
             cfg.sites = 1
         cfg.data.max_train_per_site = cfg.data.max_test_per_site = 0
+    if site is None and has_description(data):   # a described folder is its own site, by its dataset_id
+        site_id = describe(data).dataset_id
+        return site_id, task.load_site(site_id, cfg)
     ids = task.site_ids(cfg)
     site_id = site or ids[0]
     if site_id not in ids:

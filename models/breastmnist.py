@@ -20,6 +20,7 @@ from fedcare.errors import ConfigError, DataError
 from .base import SiteSplit, Task
 from .adapters import with_training_mode
 from .data import bundled_dir, dirichlet_partition, seeded_subset, verify_files
+from .sitedata import PRESET_LABELS
 from .efficientnet_lite import FEATURES, pretrained_lite0
 
 CHECKSUMS = {"breastmnist.npz": "098de56cd2d92ef2f7170e6153c02849"}
@@ -29,7 +30,7 @@ IMAGE_SIZE = 64              # 28x28 is upsampled to this (a multiple of 32); 96
 # bench/breastmnist.py probe, best C): AUROC 0.82 at 64 px, 0.90 at 96, 0.87 at 128, 0.88 at 160, 0.87 at 224
 HEAD_IMAGE_SIZE = 96
 MIN_TEST_PER_SITE = 4
-LABELS = ("malignant", "benign/normal")   # label 0 and 1: the preset's data contract
+LABELS = PRESET_LABELS["breastmnist"]   # label 0 and 1: the preset's data contract
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MAX_CACHED = 100_000         # frozen-backbone features kept per process (5 kB each: 0.5 GB at most)
 

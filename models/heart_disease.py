@@ -15,6 +15,7 @@ from fedcare.errors import ConfigError, DataError
 
 from .base import SiteSplit, Task
 from .data import bundled_dir, verify_files
+from .sitedata import PRESET_LABELS
 
 COLUMNS = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang",
            "oldpeak", "slope", "ca", "thal", "num")
@@ -32,7 +33,7 @@ ALLOWED = {"sex": (0, 1), "fbs": (0, 1), "exang": (0, 1), "num": (0, 1, 2, 3, 4)
 TRAIN_FRACTION, SPLIT_SEED = 0.66, 43
 NUM_FEATURES = 13
 #: the preset's data contract, for a site that describes its own records in a dataset.toml
-LABELS = ("no disease", "disease")
+LABELS = PRESET_LABELS["heart-disease"]
 FEATURES = "age,sex,trestbps,chol,fbs,thalach,exang,oldpeak,cp=1|2|3|4,restecg=0|1|2"
 CANARY_NORM = 1000.0   # privacy-audit canaries lie this many standard deviations out
 

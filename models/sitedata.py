@@ -43,6 +43,30 @@ FEATURE_KEYS = ("column", "values")
 
 
 # ----------------------------------------------------------------------------- contract
+#: the bundled presets' label names in label order (their data contracts' labels)
+PRESET_LABELS = {"heart-disease": ("no disease", "disease"), "heart-disease-virtual": ("no disease", "disease"),
+                 "breastmnist": ("malignant", "benign/normal")}
+
+
+def label_names(task: str, labels: str = "") -> tuple[str, ...]:
+    """A run's label names in order (what "class k" of its fairness numbers is): its
+    ``data.labels``, else its preset's (medical-abstracts' and medical-llm's five
+    conditions from the bundled label file), else ()."""
+    named = tuple(x.strip() for x in labels.split(",") if x.strip())
+    if named or task in PRESET_LABELS:
+        return named or PRESET_LABELS[task]
+    if task in ("medical-abstracts", "medical-llm"):
+        from .data import bundled_dir
+
+        try:
+            with open(bundled_dir("medical-abstracts") / "medical_tc_labels.csv", newline="", encoding="utf-8") as fh:
+                rows = sorted(csv.DictReader(fh), key=lambda r: int(r["condition_label"]))
+        except (OSError, KeyError, ValueError):
+            return ()
+        return tuple(r["condition_name"] for r in rows)
+    return ()
+
+
 @dataclass(frozen=True)
 class Feature:
     name: str
@@ -78,7 +102,8 @@ class Contract:
 
     def need_labels(self, family: str) -> tuple[str, ...]:
         if len(self.labels) < 2 and family != "instruct":
-            raise ConfigError(f"a {family} run needs data.labels: the label names in order, comma-separated "
+            raise ConfigError(f"{'an' if family[:1] in 'aeiou' else 'a'} {family} run needs data.labels: "
+                              "the label names in order, comma-separated "
                               "(the run's data contract)")
         return self.labels
 

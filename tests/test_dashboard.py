@@ -16,6 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from fedcare.errors import ConfigError, StoreError
+from fedcare.models.sitedata import label_names
 from fedcare.server import queries as q
 from fedcare.server.store import Store
 
@@ -178,6 +179,11 @@ def test_task_without_sensitive_attributes_uses_classes(demo_db, runs, monkeypat
     at = open_page(demo_db, "fairness", run_id, monkeypatch)
     assert at.radio(key="fair_attribute").options == ["class"]
     assert "no sensitive attributes" in text_of(at)
+    # groups named by the run's labels; only what means something when groups are the classes
+    assert set(at.dataframe[0].value["group"]) <= set(label_names("medical-abstracts"))
+    assert {m.label for m in at.metric} >= {"Worst class recall"}
+    assert not {"Demographic parity difference", "Equalized odds difference"} & {m.label for m in at.metric}
+    assert "tpr" not in at.dataframe[0].value.columns
 
 
 def test_privacy_page_against_budget_and_without_dp(demo_db, runs, monkeypatch):

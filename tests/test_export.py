@@ -25,6 +25,8 @@ from fedcare.models.data import bundled_dir
 from fedcare.models.registry import get_task
 from fedcare.server.store import Store
 
+from sitefolders import heart_parquet
+
 
 def _run(task: str, url: str, overrides: list[str], **kw) -> str:
     from fedcare.server.federation import run_federation
@@ -122,6 +124,16 @@ def test_site_evaluate_on_own_folder_equals_the_store(heart, heart_export, tmp_p
     assert sum(b["count"] for b in cal["bins"]) == 104 and 0 <= cal["ece"] <= 1
     assert set(result["groups"]) == {"sex", "age_band"}
     assert sum(g["n"] for g in result["groups"]["sex"].values()) == 104
+
+
+def test_site_evaluate_names_a_described_folder_by_its_dataset_id(heart_export, tmp_path, capsys):
+    """A described folder of VA records is its own site, not the task's first ("cleveland")."""
+    site = heart_parquet(tmp_path / "va", "processed.va.data", dataset_id="va-records-2024")
+    code, out, err = cli(capsys, "site", "evaluate", "--model", str(heart_export), "--data", str(site), "--json")
+    assert code == 0, err
+    assert json.loads(out)["site"] == "va-records-2024" and "cleveland" not in out
+    code, text, err = cli(capsys, "site", "evaluate", "--model", str(heart_export), "--data", str(site))
+    assert code == 0 and "va-records-2024" in text and "cleveland" not in text, text
 
 
 def test_predict_writes_every_row(heart_export, tmp_path, capsys):

@@ -3,12 +3,26 @@ and the same experiment at several epsilons side by side."""
 import streamlit as st
 
 from fedcare.dashboard import common, figures
+from fedcare.models.sitedata import label_names
 from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
 run = common.selected_run(engine)
 common.header("Fairness", run)
 METRICS = ["accuracy", "tpr", "fpr", "selection_rate", "auroc", "ece"]
+#: groups that are the true classes: a group's accuracy is that class's recall, and its
+#: tpr/fpr/selection rate/auroc, and the parity and odds differences between classes, mean nothing
+CLASS = "class"
+CLASS_METRICS = ["accuracy", "ece"]
+
+
+def shown_names(attribute: str, names: list[str]) -> dict[str, str]:
+    """Group -> the name shown: the run's label names for its "class k" groups."""
+    if attribute != CLASS:
+        return {g: g for g in names}
+    labels = label_names(run["task"], str(((run.get("config") or {}).get("data") or {}).get("labels", "")))
+    index = {f"class {k}": name for k, name in enumerate(labels)}
+    return {g: index.get(g, g) for g in names}
 
 
 def body() -> None:
@@ -35,13 +49,15 @@ def body() -> None:
 
 def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: int) -> None:
     st.subheader(f"{attribute}: groups at round {rnd}")
+    shown = shown_names(attribute, names)
+    metrics = CLASS_METRICS if attribute == CLASS else METRICS
     head = st.container()   # filled after the first chart, which the browser then starts loading sooner
     over_rounds, differences = common.lazy_tabs(["Groups over rounds", "Differences over rounds"], key="fair_tab")
     if over_rounds.open:
         with over_rounds:
-            metric = st.selectbox("Group metric over rounds", METRICS, key="fair_metric")
-            series = data.fairness_series(run["run_id"], attribute, names, metric)
-            present = [g for g in names if g in series and series[g].notna().any()]
+            metric = st.selectbox("Group metric over rounds", metrics, key="fair_metric")
+            series = data.fairness_series(run["run_id"], attribute, names, metric).rename(columns=shown)
+            present = [shown[g] for g in names if shown[g] in series and series[shown[g]].notna().any()]
             if present:
                 long = series.melt(id_vars="round", value_vars=present, var_name="group", value_name=metric)
                 fig = figures.line(long, x="round", y=metric, color="group", markers=len(long) < 200,
@@ -54,33 +70,38 @@ def attribute_view(data, attribute: str, names: list[str], summary: dict, rnd: i
             gaps = {"demographic_parity_difference": "demographic parity difference",
                     "equalized_odds_difference": "equalized odds difference",
                     "site_gap": "best - worst site accuracy"}
+            if attribute == CLASS:
+                gaps = {"site_gap": gaps["site_gap"]}
             diffs = series.rename(columns=gaps).melt(id_vars="round", value_vars=list(gaps.values()),
                                                      var_name="measure")
             fig = figures.line(diffs, x="round", y="value", color="measure",
                                title=f"{attribute}: differences over rounds")
             common.plot(fig, key="fair_diffs")
     with head:
-        summary_view(names, summary)
+        summary_view(names, summary, shown, metrics)
 
 
-def summary_view(names: list[str], summary: dict) -> None:
-    cols = st.columns(3)
+def summary_view(names: list[str], summary: dict, shown: dict[str, str], metrics: list[str]) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    cols[0].metric("Demographic parity difference", fmt(summary.get("demographic_parity_difference")))
-    cols[1].metric("Equalized odds difference", fmt(summary.get("equalized_odds_difference")))
-    cols[2].metric("Worst group accuracy", fmt(summary.get("worst_group_accuracy")),
-                   help=f"worst group: {summary.get('worst_group')}")
+    worst = shown.get(summary.get("worst_group"), summary.get("worst_group"))
+    if metrics == CLASS_METRICS:   # groups are the true classes: only each class's recall means something
+        st.metric("Worst class recall", fmt(summary.get("worst_group_accuracy")), help=f"worst class: {worst}")
+    else:
+        cols = st.columns(3)
+        cols[0].metric("Demographic parity difference", fmt(summary.get("demographic_parity_difference")))
+        cols[1].metric("Equalized odds difference", fmt(summary.get("equalized_odds_difference")))
+        cols[2].metric("Worst group accuracy", fmt(summary.get("worst_group_accuracy")), help=f"worst group: {worst}")
     rows = []
     for group in names:
         m = summary["by_group"][group]
-        rows.append({"group": group, **({k: m.get(k) for k in ["n", *METRICS]} if not m.get("suppressed") else {}),
-                     **{f"{k} 95% CI": f"[{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}]" for k in METRICS
+        rows.append({"group": shown[group],
+                     **({k: m.get(k) for k in ["n", *metrics]} if not m.get("suppressed") else {}),
+                     **{f"{k} 95% CI": f"[{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}]" for k in metrics
                         if m.get(f"{k}_lo") is not None},
                      "suppressed at": ", ".join(m.get("suppressed_at", [])) or ""})
     import pandas as pd
 
     table = pd.DataFrame(rows)
-    worst = summary.get("worst_group")
     styled = table.style.apply(lambda r: ["background-color: #ffcdd2" if r["group"] == worst else "" for _ in r],
                                axis=1).format(precision=3, na_rep="suppressed")
     st.dataframe(styled, hide_index=True)
