@@ -7,7 +7,9 @@ Two halves, and the metric definitions live here once:
   and per-patient predictions never appear in its output. Groups with fewer than
   ``min_group_size`` examples are reported as ``{"suppressed": true}`` with no counts.
 * ``aggregate`` runs **at the server**: it sums the sites' counts exactly and turns
-  them into metrics (the report's ``fairness`` object).
+  them into metrics (the report's ``fairness`` object). Counts a site released with
+  noise (``client/release.py``) carry a ``release`` field; their histograms need not
+  add up to ``n``.
 
 Definitions (those of fairlearn, whose ``MetricFrame`` the tests compare against):
 

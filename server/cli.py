@@ -136,12 +136,18 @@ def run(
     """Launch a run on the deployed SuperLink (the sites train on their own data)."""
     from fedcare.launch import register_run, resolve_config
 
+    from .deploy import registered_site_count
     from .store import default_db_url
 
     home = (flwr_home or default_flwr_home()).expanduser()
     cfg = resolve_config(task, set_, sites=sites, rounds=rounds, seed=seed,
                          **({"strategy.name": strategy} if strategy else {}))
     connection(home)  # before anything lands in the store
+    registered = registered_site_count(home)
+    if sites is None and registered:   # the sites this coordinator registered, not the task's count
+        cfg.sites = registered
+        cfg.strategy.min_sites = min(cfg.strategy.min_sites, registered)
+        cfg.validate()
     store, run_id = register_run(cfg, db or default_db_url())
     typer.echo(f"run {run_id}: {cfg.task}, {cfg.rounds} rounds, {cfg.strategy.name}, DP {cfg.dp.level}")
     try:

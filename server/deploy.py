@@ -315,6 +315,15 @@ def record_site(flwr_home: Path, node_id: int, site_id: str) -> Path:
     return path
 
 
+def registered_site_count(flwr_home: Path) -> int:
+    """How many sites the coordinator registered with fedcare (0: none recorded)."""
+    path = Path(flwr_home) / SITES_FILE
+    try:
+        return len(set(json.loads(path.read_text()).values())) if path.exists() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def registered_nodes(flwr_home: Path, name: str = CONNECTION) -> list[dict]:
     proc = subprocess.run([_exe("flwr"), "supernode", "ls", name, "--format", "json"],
                           env=_env(flwr_home), capture_output=True, text=True, timeout=120)
@@ -523,6 +532,51 @@ def _hold(proc: Managed, explain) -> None:
     raise DeploymentError(explain(proc))
 
 
+#: seconds before each try to restart a dead site executor; when every try fails, the
+#: SuperNode is stopped so that the coordinator sees the site leave
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+STABLE_S = 60.0   # an executor that lived this long starts the backoff afresh when it dies
+
+
+def supervise(node: Managed, helper: Managed | None, echo=print,
+              backoff: tuple[float, ...] = RESTART_BACKOFF_S) -> None:
+    """Block while the SuperNode lives, restarting its executor when it dies (with
+    ``backoff``, each restart logged through ``echo``). The executor in service is kept
+    in ``node.info["executor"]``. When no try brings it back, or the executor keeps
+    dying within ``STABLE_S`` of a restart until the tries are spent, stop the SuperNode
+    (a SuperNode without an executor would accept tasks it never answers) and raise."""
+    node.info["executor"] = helper
+    tries, since = 0, time.time()
+    while node.alive():
+        helper = node.info["executor"]
+        if helper is None or helper.alive():
+            time.sleep(0.5)
+            continue
+        if time.time() - since > STABLE_S:
+            tries = 0
+        echo(f"site executor stopped (exit {helper.proc.returncode}): {last_error(helper.log())}; "
+             f"restarting it (log {helper.log_path})")
+        while True:
+            if tries >= len(backoff):
+                node.stop()
+                raise DeploymentError(f"the site executor could not be kept running ({len(backoff)} restarts "
+                                      f"failed or died at once); the SuperNode was stopped so the coordinator "
+                                      f"sees this site leave; log: {helper.log_path}")
+            time.sleep(backoff[tries])
+            tries += 1
+            respawn = helper.info["respawn"]
+            try:
+                helper = respawn()
+            except DeploymentError as err:
+                echo(f"site executor restart {tries}/{len(backoff)} failed: {err}")
+                continue
+            helper.info["respawn"] = respawn
+            break
+        node.info["executor"], since = helper, time.time()
+        echo(f"site executor restarted (try {tries}/{len(backoff)}), pid {helper.pid}")
+    raise DeploymentError(explain_supernode_exit(node))
+
+
 def connect_address(host: str, port: int) -> str:
     """How this machine reaches a SuperLink bound to ``host``."""
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "", "127.0.0.1") else f"{host}:{port}"
@@ -593,10 +647,13 @@ def start_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *
     if not executor:
         return node, None
     try:
-        return node, start_executor(spec, workdir, flwr_home, warm_task=warm_task)
+        helper = start_executor(spec, workdir, flwr_home, warm_task=warm_task)
     except BaseException:
         node.stop()
         raise
+    # the same secret: the SuperNode trusts a restarted executor as it trusted this one
+    helper.info["respawn"] = lambda: start_executor(spec, workdir, flwr_home, warm_task=warm_task)
+    return node, helper
 
 
 def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
@@ -620,10 +677,11 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
             echo(f"site {spec.site_id} joined the federation at {superlink} as node {node_id}; "
                  f"log {node.log_path}")
             echo("ready; Ctrl-C stops the SuperNode")
-            _hold(node, explain_supernode_exit)
+            supervise(node, helper, echo)
         except KeyboardInterrupt:
             echo(f"stopping site {spec.site_id}")
         finally:
             node.stop()
+            helper = node.info.get("executor", helper)
             if helper is not None:
                 helper.stop()

@@ -294,6 +294,7 @@ class Federation:
         evaluations: list[S.Evaluation] = []
         counts: dict[str, dict] = {}
         totals: dict[str, float] = {}
+        weights: dict[str, int] = {}   # examples behind each metric: a noised release sends no loss
         n_total = 0
         for u in updates:
             if not u.ok:   # refused, failed or rejected: recorded, never silently dropped
@@ -314,8 +315,9 @@ class Federation:
             n_total += n
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * n
+                weights[k] = weights.get(k, 0) + n
         if n_total:
-            glob = {k: v / n_total for k, v in totals.items()}
+            glob = {k: v / weights[k] for k, v in totals.items() if weights[k]}
             per_site_acc = [e.metrics.get("accuracy") for e in evaluations if e.kind == "federated"]
             per_site_acc = [a for a in per_site_acc if a is not None]
             if per_site_acc:

@@ -215,8 +215,10 @@ def test_run_with_a_policy_refusal_fills_store_and_audit(fed):
 def test_deployed_sites_refuse_fault_injection_with_the_reason(fed):
     out = fed.fedcare("server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet", *FAST,
                       "--set", "faults.site=cleveland", "--set", "faults.kind=hang")
-    assert out.returncode == 0, out.stdout + out.stderr
+    # every site refused: the run is stored as failed and `server run` exits 1 with why
+    assert out.returncode == 1 and "no site sent an accepted update" in out.stderr, out.stdout + out.stderr
     rep = fed.report(out.stdout.split()[1].rstrip(":"))
+    assert rep["status"] == "failed"
     sites = {s["site"]: s for s in rep["rounds"][0]["sites"]}
     assert set(sites) == {"cleveland", "hungarian", "va"}
     assert all(not s["accepted"] and "fault injection (faults.kind=hang) runs only in simulation" in s["reason"]

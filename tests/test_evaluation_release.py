@@ -216,3 +216,38 @@ def test_planted_bug_last_evaluation_is_refused_with_an_audit_entry(tmp_path):
     assert status == "refused" and "planted_bug" in reason
     [entry] = [json.loads(line) for line in Path(ctx.node_config["audit"]).read_text().splitlines()]
     assert (entry["kind"], entry["decision"], entry["round"]) == ("evaluate", "refused", 1)
+
+
+def test_a_round_loop_with_one_noised_site_evaluates_it_and_weights_the_global_metrics(tmp_path):
+    """Through the real round loop: va (a policy file with the defaults) trains, then
+    evaluates the round's aggregate under the mechanism; the global loss is the mean
+    over the sites that send one, not diluted by va's examples."""
+    from fedcare.server.federation import run_federation
+    from fedcare.server.local_grid import InProcessGrid
+    from fedcare.server.store import Store
+
+    cfg = resolve_config("heart-disease", ["train.local_steps=2"], rounds=1, seed=3)
+    cfg.runtime.db = f"sqlite:///{tmp_path}/loop.db"
+    store = Store(cfg.runtime.db)
+    cfg.runtime.run_id = store.create_run(cfg.task, cfg.strategy.name, cfg.to_dict(), "test")
+    store.close()
+    configs = []
+    for site in ("cleveland", "hungary", "switzerland", "va"):
+        nc = {"site-id": site, "ledger": str(tmp_path / f"{site}.ledger.sqlite")}
+        if site == "va":
+            (tmp_path / "va.policy.toml").write_text("[evaluation]\nmin_cell_size = 5\n")
+            nc["policy"] = str(tmp_path / "va.policy.toml")
+        configs.append(nc)
+    run_id = run_federation(InProcessGrid(cfg, 4, node_configs=configs), cfg)
+    store = Store(cfg.runtime.db)
+    try:
+        assert store.get_run(run_id)["status"] == "completed"
+        evals = {e["scope"]: e for e in store.evaluations(run_id) if e["kind"] == "federated"}
+    finally:
+        store.close()
+    assert "loss" not in evals["va"]["metrics"] and "accuracy" in evals["va"]["metrics"]
+    exact = [evals[s] for s in ("cleveland", "hungary", "switzerland")]
+    loss = sum(e["metrics"]["loss"] * e["num_examples"] for e in exact) / sum(e["num_examples"] for e in exact)
+    assert evals["global"]["metrics"]["loss"] == pytest.approx(loss)
+    spends = SiteLedger(tmp_path / "va.ledger.sqlite").entries(run_id=EVALUATION_RUN.format(run_id=run_id))
+    assert [(s.round, s.steps) for s in spends] == [(1, 1)]
