@@ -79,9 +79,8 @@ def summarise(p: Prepared, min_group_size: int, mode: str = "lora", task: str = 
                               "max": [int(s[:, 0].max()), int(s[:, 1].max())],
                               "resized_to": p.contract.image_size, "colour": desc.colour}
     if "value range" in facts:
-        v = facts["value range"]
-        out["value_range"] = {"ranges": {u: [lo, hi] for u, (lo, hi) in v["ranges"].items()},
-                              "window": list(v["window"]) if v["window"] else None}
+        out["value_range"] = {u: {"min": lo, "max": hi, "mapped_by": sorted(how)}
+                              for u, (lo, hi, how) in facts["value range"].items()}
     if "texts" in facts:
         chars = np.fromiter((len(str(t)) for t in facts["texts"]), dtype=np.int64, count=len(facts["texts"]))
         out["text_lengths"] = {"chars_min": int(chars.min()), "chars_median": int(np.median(chars)),
@@ -134,13 +133,8 @@ def render(summary: dict[str, Any]) -> str:
         i = s["image_sizes"]
         lines.append(f"images: {i['colour']}, {i['min'][0]}x{i['min'][1]} to {i['max'][0]}x{i['max'][1]} pixels, "
                      f"resized to {i['resized_to']}x{i['resized_to']}")
-    if "value_range" in s:
-        v = s["value_range"]
-        window = (f"window center {v['window'][0]:g} width {v['window'][1]:g} (dataset.toml)" if v["window"]
-                  else "each file's own window (VOI LUT or WindowCenter/Width), else its value range")
-        lines += [f"values: {u} {lo:g}..{hi:g}, mapped to 0..1 by "
-                  f"{window if u != 'pixel values' else 'the bit depth'}"
-                  for u, (lo, hi) in v["ranges"].items()]
+    lines += [f"values: {u} {v['min']:g}..{v['max']:g}, mapped to 0..1 by {'; '.join(v['mapped_by'])}"
+              for u, v in s.get("value_range", {}).items()]
     if "text_lengths" in s:
         t = s["text_lengths"]
         what = "prompt" if s["family"] == "instruct" else "text"

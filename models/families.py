@@ -64,7 +64,8 @@ def _own_folder(cfg: RunConfig, family: str) -> Description:
 
 def _split(site_id: str, lab: Labelled, train: Dataset, test: Dataset) -> SiteSplit:
     return SiteSplit(site_id=site_id, train=train, test=test,
-                     groups={a: g[lab.test] for a, g in lab.groups.items()})
+                     groups={a: g[lab.test] for a, g in lab.groups.items()},
+                     train_groups={a: g[lab.train] for a, g in lab.groups.items()})
 
 
 # ----------------------------------------------------------------------------- tabular
@@ -238,8 +239,8 @@ def prepare_image(desc: Description, contract: Contract, site_id: str = "", head
             sizes.append((h.width, h.height))
             if decode_all:
                 d = decode(p, desc.format, desc.colour, desc.window, problem)
-                low, high = ranges.get(d.units, (d.low, d.high))
-                ranges[d.units] = (min(low, d.low), max(high, d.high))
+                low, high, how = ranges.get(d.units, (d.low, d.high, set()))
+                ranges[d.units] = (min(low, d.low), max(high, d.high), how | {d.mapping})
 
     def files(idx: np.ndarray) -> ImageFiles:
         return ImageFiles(paths[idx], lab.y[idx], desc.format, desc.colour, contract.image_size, desc.window,
@@ -248,7 +249,7 @@ def prepare_image(desc: Description, contract: Contract, site_id: str = "", head
     split = _split(site_id, lab, files(lab.train), files(lab.test))
     facts = {"sizes": np.asarray(sizes).reshape(-1, 2)}
     if decode_all:
-        facts["value range"] = {"ranges": ranges, "window": desc.window}
+        facts["value range"] = ranges    # units -> (lowest, highest, how mapped to [0, 1])
     return Prepared(desc, contract, lab, split, facts)
 
 

@@ -110,12 +110,13 @@ def check_colour(header: Header, colour: str, path: str, where: str, problem: Si
 class Decoded:
     """One image's pixels in [0, 1] ([H, W] or [H, W, C]) and the range of the values it
     was mapped from, in ``units`` (HU for CT, the modality's units for other DICOM, the
-    file's pixel values for PNG/JPEG)."""
+    file's pixel values for PNG/JPEG), and how they were mapped to [0, 1]."""
 
     pixels: np.ndarray
     low: float
     high: float
     units: str
+    mapping: str = "the bit depth"
 
 
 def decode(path: str, fmt: str, colour: str, window: tuple[float, float] | None = None,
@@ -170,20 +171,24 @@ def _dicom(path: str, window: tuple[float, float] | None, problem: SiteProblem) 
         return Decoded(raw.astype(np.float32) / top, float(raw.min()), float(raw.max()), "pixel values")
     units = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     unit = "HU" if str(getattr(ds, "Modality", "")) == "CT" else "modality units"
+    bits, signed = int(getattr(ds, "BitsStored", 8)), int(getattr(ds, "PixelRepresentation", 0)) == 1
     if window is not None:
-        arr = _window(units, *window)
+        arr, mapping = _window(units, *window), f"window center {window[0]:g} width {window[1]:g} (dataset.toml)"
     elif "VOILUTSequence" in ds:
         voi = np.asarray(apply_voi_lut(units, ds, index=0, prefer_lut=True), dtype=np.float64)
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        arr = voi / float(2 ** bits - 1)
+        arr, mapping = voi / float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1), "each file's VOI LUT"
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        arr = _window(units, _first(ds.WindowCenter), _first(ds.WindowWidth))
-    else:
-        low, high = float(units.min()), float(units.max())
+        arr, mapping = _window(units, _first(ds.WindowCenter), _first(ds.WindowWidth)), "each file's window"
+    elif any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")):
+        low, high = float(units.min()), float(units.max())   # units but no window: this file's range
         arr = (units - low) / (high - low) if high > low else np.zeros_like(units)
+        mapping = "each file's own range (no window in the files: give [window] in dataset.toml)"
+    else:    # stored values as they are (US, 8/12-bit): the bit depth, as for PNG
+        arr, mapping = (units + (2 ** (bits - 1) if signed else 0)) / float(2 ** bits - 1), "the bit depth"
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         arr = 1.0 - arr
-    return Decoded(np.clip(arr, 0.0, 1.0).astype(np.float32), float(units.min()), float(units.max()), unit)
+    return Decoded(np.clip(arr, 0.0, 1.0).astype(np.float32), float(units.min()), float(units.max()), unit,
+                   mapping)
 
 
 def _first(value) -> float:

@@ -241,7 +241,7 @@ def describe(folder: str | Path) -> Description:
         if "values" in spec:
             feature_values[str(name)] = {_cell(k): str(v) for k, v in dict(spec["values"]).items()}
     files = tuple(str(f) for f in raw.get("files", ()))
-    layout = str(raw.get("layout", "table" if family == "image" and files and fmt != "dicom" else "class-folders"))
+    layout = str(raw.get("layout", "table" if family == "image" and (files or fmt == "dicom") else "class-folders"))
     window = raw.get("window")
     desc = Description(
         folder=path.parent, family=family, dataset_id=str(raw["dataset_id"]).strip(), format=fmt,

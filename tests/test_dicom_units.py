@@ -80,7 +80,19 @@ def _ct_site(root, window=""):
 def test_site_check_prints_the_value_range_it_trains_on(tmp_path):
     cfg = RunConfig().apply_sets(["data.labels=a,b"])
     summary = check_folder(str(_ct_site(tmp_path / "f", '[window]\ncenter = 40\nwidth = 400\n')), "image", cfg, 1)
-    assert summary["value_range"]["ranges"]["HU"] == [-896, 1167]
+    assert summary["value_range"]["HU"]["min"] == -896 and summary["value_range"]["HU"]["max"] == 1167
     text = render(summary)
     assert "values: HU -896..1167, mapped to 0..1 by window center 40 width 400 (dataset.toml)" in text, text
-    assert "values: modality units 127..2145" in text   # the MR files: no rescale, their own window
+    assert "values: modality units 127..2145, mapped" in text   # the MR files: no rescale
+    plain = render(check_folder(str(_ct_site(tmp_path / "g")), "image", cfg, 1))
+    assert "values: HU -896..1167, mapped to 0..1 by each file's own range (no window in the files" in plain
+    assert "values: modality units 127..2145, mapped to 0..1 by each file's window" in plain
+
+
+def test_stored_values_without_rescale_or_window_keep_their_bit_depth(tmp_path):
+    """An 8-bit ultrasound file (no rescale, no window) reads as a PNG would: value / 255."""
+    from sitefolders import breast_arrays, write_dicom
+
+    img = breast_arrays(2)[0][0]
+    write_dicom(tmp_path / "us.dcm", img, "P1")
+    assert np.allclose(_pixels(tmp_path / "us.dcm"), img / 255.0, atol=1e-6)
