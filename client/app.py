@@ -174,7 +174,7 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
 
     from . import release
 
-    rules = release.Rules.of(policy, site.cfg.site.min_group_size)
+    rules = release.Rules.of(policy, site.cfg.site.min_group_size, len(split.train))
     noised = rules is not None and rules.release != "exact"
     run_id = site.cfg.runtime.run_id
     if noised:

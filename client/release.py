@@ -55,7 +55,6 @@ from fedcare.models.fairness import CLASS_ATTRIBUTE, VERSION, cell_metrics, supp
 
 RELEASES = ("noised", "exact", "none")
 ACCOUNTANT = "rdp"
-DEFAULT_DELTA = 1e-5
 BINS = 10
 EVALUATION_RUN = "{run_id}/evaluation"   # the ledger's account of a run's evaluations
 
@@ -76,8 +75,10 @@ class Rules:
     epsilon_cap: float
 
     @classmethod
-    def of(cls, policy, run_min_group_size: int = 0) -> "Rules | None":
-        """The rules of ``policy``; None without a policy (exact release, as before)."""
+    def of(cls, policy, run_min_group_size: int = 0, num_records: int = 0) -> "Rules | None":
+        """The rules of ``policy``; None without a policy (exact release, as before).
+        Delta: the site's (``SitePolicy.site_delta`` of its ``num_records`` training
+        records: the delta its ledger is read at)."""
         if policy is None:
             return None
         return cls(release=policy.release, epsilon=policy.evaluation_epsilon,
@@ -86,7 +87,7 @@ class Rules:
                    only_known_models=policy.evaluate_only_known_models,
                    send_group_counts=policy.send_group_counts,
                    min_group_size=max(policy.min_group_size, run_min_group_size),
-                   delta=float(getattr(policy, "delta", 0.0) or DEFAULT_DELTA),
+                   delta=float(policy.site_delta(num_records)),
                    epsilon_cap=policy.epsilon_cap)
 
 
