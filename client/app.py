@@ -133,6 +133,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({S.METRICS: MetricRecord(metrics), S.SITE: ConfigRecord(info)}), reply_to=msg)
 
 
+@_boundary("secagg")
 def _secagg_step(msg: Message, context: Context) -> Message:
     """A later step of a securely aggregated round (client/secagg_app.py)."""
     from .secagg_app import step
@@ -142,8 +143,7 @@ def _secagg_step(msg: Message, context: Context) -> Message:
     try:
         records = step(msg, context, site)
     except FedcareError as err:
-        _audit(site, _policy(site), rnd, msg.metadata.message_type, "", 0, None, "refused", str(err))
-        return _refusal(msg, site, str(err))
+        return _refuse(msg, site, _policy(site), rnd, msg.metadata.message_type, err)
     return _reply(msg, records, None, {S.SITE_ID: site.site_id, S.STATUS: "ok", S.REASON: "", S.NONCE: _nonce(msg)})
 
 
