@@ -104,6 +104,7 @@ def train(msg: Message, context: Context) -> Message:
             metrics["secagg_epsilon"] = ddp
         _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "masked",
                "" if ddp is None else f"distributed DP epsilon {ddp:.4g} after {rnd} rounds")
+        _remember(site, policy, rnd, None)   # it takes part in this round's sum
         return _reply(msg, records, metrics, info, evaluation)
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
