@@ -95,6 +95,13 @@ class FedcareError(Exception):
         super().__init__(*args)
         self.problem = problem
 
+    def __reduce__(self):   # the problem survives a copy or a trip between processes
+        return _rebuild, (type(self), self.args, self.problem)
+
+
+def _rebuild(cls: type, args: tuple, problem: SiteProblem | None) -> FedcareError:
+    return cls(*args, problem=problem)
+
 
 class ConfigError(FedcareError):
     """A configuration value is unknown, malformed or out of range."""

@@ -161,6 +161,13 @@ def test_a_planted_token_in_any_bad_record_never_reaches_the_coordinator(tmp_pat
         assert TOKEN in audit, site
 
 
+def test_a_problem_survives_pickling_as_a_dataloader_worker_sends_it():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("detail", problem=SiteProblem("bad-image", "a/x.png"))))
+    assert type(err) is DataError and str(err) == "detail" and err.problem == SiteProblem("bad-image", "a/x.png")
+
+
 def test_an_unexpected_error_at_a_site_leaves_as_a_fixed_sentence():
     assert public_reason(KeyError(f"{TOKEN} /home/site/data.csv")) == SiteProblem("internal").text()
     assert public_reason(DataError(f"{TOKEN}")) == SiteProblem("data").text()
