@@ -15,6 +15,7 @@ app = typer.Typer(help="fedcare: federated LoRA fine-tuning for hospitals, under
 config_app = typer.Typer(help="Inspect the run configuration keys.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
+SITE_LINES = 20   # `fedcare report` prints a line per site up to this many sites, then a summary
 DB_HELP = "SQLAlchemy URL of the store (default: $FEDCARE_DB or sqlite:///fedcare.db)"
 SET_HELP = "Override a setting: --set key=value (dotted keys, e.g. lora.r=16, train.local_steps=50, dp.epsilon=3); `fedcare config keys` lists them"
 
@@ -256,9 +257,21 @@ def report(run_id: str = typer.Argument(..., help="Run id (fedcare runs)"),
         typer.echo(json.dumps(rep, indent=2))
         return
     typer.echo(f"{rep['run_id']}  {rep['task']}  {rep['strategy']}  {rep['status']}  rounds={len(rep['rounds'])}")
-    for site, m in sorted(rep.get("final", {}).get("per_site", {}).items()):
+    final = rep.get("final", {})
+    per_site, privacy = final.get("per_site", {}), rep.get("privacy", {})
+    if len(per_site) > SITE_LINES:   # hundreds of sites: a summary naming the worst, not a line each
+        accs = sorted(m["accuracy"] for m in per_site.values() if isinstance(m.get("accuracy"), float))
+        if accs:
+            typer.echo(f"  {len(per_site)} sites evaluated in round {final.get('round')}: accuracy min {accs[0]:.4f}  "
+                       f"median {accs[len(accs) // 2]:.4f}  max {accs[-1]:.4f}")
+        typer.echo("  worst sites: " + ", ".join(f"{w['site']} ({w['value']:.4f})" for w in final.get("worst_sites", [])))
+    for site, m in sorted(per_site.items()) if len(per_site) <= SITE_LINES else ():
         typer.echo(f"  {site:<14} " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items()) if isinstance(v, float)))
-    for site, p in sorted(rep.get("privacy", {}).items()):
+    if len(privacy) > SITE_LINES:
+        top = sorted(privacy.items(), key=lambda kv: -(kv[1].get("run_epsilon") or 0))[:5]
+        typer.echo(f"  privacy: {len(privacy)} sites; highest run epsilon: "
+                   + ", ".join(f"{site} ({p.get('run_epsilon')})" for site, p in top))
+    for site, p in sorted(privacy.items()) if len(privacy) <= SITE_LINES else ():
         typer.echo(f"  privacy {site:<14} epsilon lifetime={p.get('epsilon')} run={p.get('run_epsilon')} budget={p.get('budget') or 'no cap'}")
     for site, a in rep.get("privacy_audit", {}).items():
         typer.echo(f"  audit   {site:<14} lower bound={a['epsilon_lower_bound']:.3f} accountant={a['accountant_epsilon']}"

@@ -21,7 +21,9 @@ NaN/inf are null). Its keys are a contract; add keys, never rename them::
             metrics: {<global federated metrics of that round>},
             per_site: {site: {<federated metrics of the global model on that site's test split>}},
             local_metrics: {<global metrics of the personalised models>} ({} if none),
-            local_per_site: {site: {<metrics of that site's personalised model>}} ({} if none)},
+            local_per_site: {site: {<metrics of that site's personalised model>}} ({} if none),
+            worst_sites: [{site, metric, value}] (the WORST_SITES sites of per_site lowest in
+                accuracy, worst first; [] without per-site accuracy)},
     privacy: {site: {epsilon, run_epsilon, delta, budget, accountant, noise_multiplier,
                      sample_rate, steps}}  ({} without DP)
         from the latest round in which that site reported privacy; ``steps`` is the
@@ -59,6 +61,7 @@ from fedcare.schemas import AUDIT, AUDIT_KEYS, BENEFIT, BENEFIT_MODELS, PRIVACY_
 from .store import Store, clean_json
 
 GLOBAL = "global"
+WORST_SITES = 5
 FEDERATED = "federated"
 LOCAL = "local"
 
@@ -120,12 +123,19 @@ def final_metrics(evaluations: list[dict]) -> dict:
         out["round"] = last
         out["metrics"] = next((e["metrics"] for e in rows if e["scope"] == GLOBAL), {})
         out["per_site"] = {e["scope"]: e["metrics"] for e in rows if e["scope"] != GLOBAL}
+    out["worst_sites"] = worst_sites(out["per_site"])
     if local_rounds:
         last = max(local_rounds)
         rows = [e for e in evaluations if e["round"] == last and e["kind"] == LOCAL]
         out["local_metrics"] = next((e["metrics"] for e in rows if e["scope"] == GLOBAL), {})
         out["local_per_site"] = {e["scope"]: e["metrics"] for e in rows if e["scope"] != GLOBAL}
     return out
+
+
+def worst_sites(per_site: dict[str, dict], metric: str = "accuracy", n: int = WORST_SITES) -> list[dict]:
+    """The ``n`` sites lowest in ``metric``, worst first (what a report of 1,000 sites names)."""
+    scored = sorted((m[metric], site) for site, m in per_site.items() if isinstance(m.get(metric), (int, float)))
+    return [dict(site=site, metric=metric, value=value) for value, site in scored[:n]]
 
 
 def benefit_summary(evaluations: list[dict]) -> dict:

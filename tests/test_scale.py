@@ -12,6 +12,9 @@ import sqlalchemy as sa
 import torch
 
 from e2e import fedcare, simulate
+from typer.testing import CliRunner
+
+from fedcare.cli import app
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 from fedcare.flower import RaySetup, ray_setup
@@ -20,6 +23,7 @@ from fedcare.models.heart_virtual import HeartDiseaseVirtualTask
 from fedcare.schemas import ACCEPTED, Evaluation, RoundRecord, SiteRound
 from fedcare.server.federation import run_federation
 from fedcare.server.local_grid import InProcessGrid
+from fedcare.server.report import build_report
 from fedcare.server.store import Store
 
 GPU = torch.cuda.is_available()
@@ -53,6 +57,20 @@ def test_a_round_of_a_thousand_sites_is_a_few_statements_in_one_transaction(tmp_
     assert counts[1000][1] < 2.0, counts
     assert len(store.site_rounds(run_id, 2)) == 1000 and len(store.evaluations(run_id, 2)) == 1001
     store.close()
+
+
+def test_the_report_of_a_thousand_sites_names_the_worst_instead_of_listing_them(tmp_path):
+    url = f"sqlite:///{tmp_path}/r.db"
+    with Store(url) as store:
+        run_id = store.create_run("heart-disease-virtual", "fedavg", {"sites": 1000}, "test")
+        store.write_round(run_id, _record(1, 1000))
+        t0 = time.perf_counter()
+        rep = build_report(store, run_id)
+        assert time.perf_counter() - t0 < 5.0
+    assert [w["site"] for w in rep["final"]["worst_sites"]] == ["site-0", "site-1", "site-2", "site-3", "site-4"]
+    out = CliRunner().invoke(app, ["report", run_id, "--db", url]).output
+    assert "1000 sites evaluated in round 1: accuracy min 0.0000" in out and "worst sites: site-0 (0.0000)" in out
+    assert len(out.splitlines()) < 10
 
 
 def test_a_virtual_site_is_made_alone_the_same_each_time_with_its_own_label_mix():

@@ -308,7 +308,7 @@ def test_report_without_dp_or_evaluations(store):
     report = build_report(store, run_id)
     assert report["privacy"] == {} and report["fairness"] == {} and report["client_privacy"] == {}
     assert report["final"] == {"round": None, "metrics": {}, "per_site": {}, "local_metrics": {},
-                               "local_per_site": {}}
+                               "local_per_site": {}, "worst_sites": []}
     assert report["rounds"][0]["metrics"]["eval"] == {}
 
 
