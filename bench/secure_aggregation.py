@@ -62,7 +62,8 @@ def accuracy(settings: dict[str, dict], rounds: int, seeds: list[int], workdir: 
             cfg.site.ledger_dir = workdir
             rep = run_federated(cfg.validate(), f"sqlite:///{workdir}/acc-{name}-{seed}.db")
             accs.append(rep["final"]["metrics"]["accuracy"])
-            eps = (rep.get("secure_aggregation") or {}).get("epsilon") or (rep.get("client_privacy") or {}).get("epsilon")
+            eps = ((rep.get("secure_aggregation") or {}).get("epsilon")
+                   or (rep.get("client_privacy") or {}).get("epsilon"))
         out.append({"setting": name, "accuracy": statistics.fmean(accs), "accuracies": accs, "epsilon": eps})
     return out
 

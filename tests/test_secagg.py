@@ -8,7 +8,11 @@ from fedcare.accounting import secagg_epsilon, secagg_sensitivity, skellam_epsil
 from fedcare.client.secagg import SiteSession
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PolicyRefusal
+from fedcare.launch import resolve_config
 from fedcare.secagg_local import run_local
+from fedcare.server.federation import run_federation
+from fedcare.server.local_grid import InProcessGrid
+from fedcare.server.store import Store
 from fedcare.strategies.secagg import Coordinator, SecAggFailed, check_secagg_config
 
 
@@ -20,7 +24,8 @@ def params(n, **kw):
 
 def updates(n, dim=200, seed=0):
     rng = np.random.default_rng(seed)
-    return {100 + i: rng.normal(0, 0.02, dim) for i in range(n)}, {100 + i: int(rng.integers(20, 300)) for i in range(n)}
+    deltas = {100 + i: rng.normal(0, 0.02, dim) for i in range(n)}
+    return deltas, {100 + i: int(rng.integers(20, 300)) for i in range(n)}
 
 
 def encode(deltas, weights, p, seed=1):
@@ -68,6 +73,18 @@ def test_harary_graph_at_50_sites_is_sparse_and_sums_right():
     run = run_local(inputs, p, drop_after_shares={nodes[7], nodes[30]})
     expected = sum(np.append(quantized[k] * weights[k], weights[k]) for k in run.survivors)
     assert np.array_equal(SA.from_ring(run.total), expected)
+
+
+def test_shamir_any_threshold_shares_give_the_secret_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = SA.share(secret, 3, 5)
+    assert {SA.combine([shares[i] for i in idx]) for idx in [(0, 1, 2), (4, 2, 0), (1, 3, 4)]} == {secret}
+    try:
+        assert SA.combine(shares[:2]) != secret
+    except ValueError:     # two points of a degree-2 polynomial: almost surely not a 32-byte value
+        pass
+    with pytest.raises(ValueError):
+        SA.combine([shares[0], shares[0], shares[1]])
 
 
 def _sessions_after_masking(n=5):
@@ -186,3 +203,54 @@ def test_a_site_policy_requires_secure_aggregation_and_raises_the_minimum_sum(tm
     pol.check(RunConfig.from_flat({"secagg.enabled": True}), {}, 100)
     session = SiteSession(params(5, min_in_sum=2), b"k" * 16, pol.min_sites_in_sum)
     assert session.min_in_sum == 4
+
+
+class CapturingGrid(InProcessGrid):
+    """The real round loop and ClientApp handlers; keeps every reply the coordinator pulls."""
+
+    def __init__(self, cfg, num_sites):
+        super().__init__(cfg, num_sites)
+        self.received = []
+
+    def pull_messages(self, message_ids):
+        got = list(super().pull_messages(message_ids))
+        self.received.extend(got)
+        return got
+
+
+def _received_bytes(replies) -> tuple[bytes, list[bytes]]:
+    """(every byte string the replies carry, each array's data)."""
+    blobs, arrays = [], []
+    for r in replies:
+        if r.has_error():
+            continue
+        for rec in r.content.array_records.values():
+            arrays += [a.data for a in rec.values()]
+        for rec in r.content.config_records.values():
+            for v in rec.values():
+                values = v if isinstance(v, list) else [v]
+                blobs += [x for x in values if isinstance(x, bytes)]
+    return b"".join(blobs + arrays), arrays
+
+
+def test_the_round_loop_gives_fedavgs_model_within_the_bound_and_receives_no_plain_update(tmp_path):
+    states, grids = {}, {}
+    for secure in (False, True):
+        cfg = resolve_config("heart-disease", ["train.local_steps=5", f"secagg.enabled={secure}", "secagg.clip=10"],
+                             rounds=1, seed=3)
+        cfg.runtime.db = f"sqlite:///{tmp_path}/{secure}.db"
+        grids[secure] = CapturingGrid(cfg, 4)
+        run_id = run_federation(grids[secure], cfg)
+        store = Store(cfg.runtime.db)
+        try:
+            states[secure] = store.load_global_state(run_id, 1)
+            assert store.rounds(run_id)[0]["metrics"]["secagg_survivors" if secure else "aggregated"] >= 1
+        finally:
+            store.close()
+    bound = 10 / (2 ** 15 - 1)
+    diff = max(float(np.max(np.abs(states[True][k] - states[False][k]))) for k in states[False])
+    assert 0 < diff < bound
+    _, plain_updates = _received_bytes(r for r in grids[False].received if r.metadata.message_type == "train")
+    captured, _ = _received_bytes(grids[True].received)
+    assert len(plain_updates) == 4 * len(states[False])
+    assert not any(u[-16:] in captured for u in plain_updates)

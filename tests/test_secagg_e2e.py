@@ -1,9 +1,11 @@
 """End to end: a real Flower simulation whose rounds are securely aggregated, with
-distributed DP and a site that crashes; the coordinator stores only sums."""
+distributed DP and a site that crashes, and a deployed federation (TLS SuperLink,
+authenticated SuperNodes) doing the same; the coordinator stores only sums."""
 import numpy as np
 import pytest
 
 from e2e import simulate
+from test_deploy_e2e import FAST, fed  # noqa: F401  (the deployed federation fixture, started for this module)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,3 +29,23 @@ def test_heart_disease_secure_aggregation_with_distributed_dp_and_a_crashed_site
         # each site's own accountant (its reply and audit log) agrees with the coordinator's
         assert all(s["metrics"]["secagg_epsilon"] == pytest.approx(m["secagg_epsilon"]) for s in sites.values())
     assert rep["rounds"][0]["metrics"]["secagg_epsilon"] < rep["rounds"][1]["metrics"]["secagg_epsilon"]
+
+
+def test_deployed_hospitals_aggregate_securely_over_tls(fed):
+    """Real SuperLink with TLS and authenticated SuperNodes (tests/test_deploy_e2e.py's
+    federation: cleveland and va in fedcare's executor, hungarian in flwr's per-message
+    ClientApp process): the protocol's state survives between messages at every site.
+    VA's policy requires DP-SGD, so the run asks for it as well."""
+    out = fed.fedcare("server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet", *FAST,
+                      "--set", "secagg.enabled=true", "--set", "dp.epsilon=8")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rep = fed.report(out.stdout.split()[1].rstrip(":"))
+    m, sites = rep["rounds"][0]["metrics"], rep["rounds"][0]["sites"]
+    assert rep["status"] == "completed" and all(s["accepted"] for s in sites), sites
+    assert (m["secagg_survivors"], m["aggregated"]) == (3.0, 1.0)
+    assert list(rep["secure_aggregation"]["survivors"].values()) == [3.0]
+    from fedcare.client.audit import AuditLog
+
+    for spec in fed.sites.values():
+        decisions = [e["decision"] for e in AuditLog(spec.audit).entries() if e["kind"] == "train"]
+        assert decisions[-1] == "masked"
