@@ -50,6 +50,7 @@ from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
 
 from .ledger import SiteLedger
+from .policy import load_policy
 from .privacy import plan_round
 from .training import train_on_site
 
@@ -76,7 +77,7 @@ def local_training(site, model, split, steps: int, lr: float, rnd: int, budget: 
     cfg = steps_config(site.cfg, len(split.train), steps, lr)
     ledger = SiteLedger(site.ledger_path) if site.ledger_path else None
     train_on_site(site.task, model, split, cfg, site.device, run_id=site.cfg.runtime.run_id, server_round=rnd,
-                  ledger=ledger, budget=budget, dataset_id=site.dataset_id)
+                  ledger=ledger, budget=budget, dataset_id=site.dataset_id, policy=load_policy(site.policy_path))
 
 
 def before_training(site, context: Context, model, received: dict, rnd: int, budget: float) -> None:

@@ -273,3 +273,22 @@ def test_a_1e8_step_run_is_answered_with_a_refusal_through_the_client_app(tmp_pa
         trains = [e for e in AuditLog(tmp_path / f"{s}.audit.jsonl").entries() if e["kind"] == "train"]
         assert [e["decision"] for e in trains] == ["refused", "sent"]
         assert "max_task_seconds" in trains[0]["reason"]
+
+
+def test_personal_steps_are_measured_at_the_sites_delta_too(tmp_path):
+    """Ditto's personal DP-SGD steps (issue 25) go through the same site rules: checked and
+    recorded at the site's delta, and counted in the run's spend against its maximum."""
+    from flwr.app import Context, RecordDict
+
+    from fedcare.client.personalize import local_training
+    from fedcare.client.site import Site
+
+    run = cfg(**{"personalize.method": "ditto", "dp.noise_multiplier": 1.0, "dp.delta": 0.03})
+    (tmp_path / "p.toml").write_text("[privacy]\nmax_epsilon_per_run = 100.0\n")
+    context = Context(run_id=1, node_id=1000, state=RecordDict(), run_config=run.to_flat(),
+                      node_config={"site-id": "switzerland", "ledger": str(tmp_path / "l.sqlite"),
+                                   "policy": str(tmp_path / "p.toml")})
+    site = Site.from_context(context)
+    split = site.split()
+    local_training(site, site.model(), split, 3, 0.0, 1_000_001, 0.0)
+    assert [(e.delta, e.steps) for e in SiteLedger(tmp_path / "l.sqlite").entries()] == [(1e-5, 3)]
