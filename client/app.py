@@ -178,10 +178,12 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
     rules = release.Rules.of(policy, site.cfg.site.min_group_size, len(split.train))
     noised = rules is not None and rules.release != "exact"
     run_id = site.cfg.runtime.run_id
-    if noised:
+    if rules is not None:   # a policy's caps, known models and minimum cell apply whatever the release
         state = _release_state(site)
         digest = _digest(from_array_record(msg.content[S.ARRAYS]))
         release.admit(rules, state, run_id, rnd, digest, len(split.test))
+        if not noised:
+            state.remember_evaluation(run_id, rnd, digest)
     _load_global(site, model, msg, context, personal=False)
     scores, labels = predict_dataset(site.task, model, split.test, site.cfg, site.device)
     metrics = {S.NUM_EXAMPLES: len(labels), **site.task.metrics(scores, labels)}  # also drains a task's extras
@@ -199,7 +201,8 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
         state.remember_evaluation(run_id, rnd, digest)
         metrics, fairness = release.noised_release(scores, labels, split.groups, rules, z, site.site_id)
     elif policy is None or policy.send_group_counts:
-        min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0))
+        min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0),
+                        getattr(policy, "min_cell_size", 0))
         fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
     if fairness is not None:
         fields[S.FAIRNESS_JSON] = json.dumps(fairness)

@@ -132,7 +132,8 @@ NOISED = "[evaluation]\nevaluation_epsilon = {eps}\nevaluate_only_known_models =
 def test_crafted_model_attack_reads_every_label_without_the_mechanism(tmp_path):
     targets = _targets(20)
     assert _attack(tmp_path, None, targets) == 1.0     # no policy: today's fairness counts
-    exact = "[evaluation]\nrelease = \"exact\"\nsend_group_counts = false\nmin_group_size = 10\n"
+    exact = ("[evaluation]\nrelease = \"exact\"\nsend_group_counts = false\nmin_group_size = 10\n"
+             "evaluate_only_known_models = false\n")
     assert _attack(tmp_path / "exact", exact, targets) == 1.0   # metrics alone: balanced_accuracy
 
 
@@ -197,6 +198,17 @@ def test_a_site_evaluates_only_models_it_knows(tmp_path):
     reply = _send(ctx, "train", crafted, 2, {S.EVALUATE_FIRST: True})
     assert reply.content.config_records[S.SITE][S.STATUS] == "ok"
     assert S.METRICS_JSON in reply.content.config_records[S.EVALUATION]
+
+
+def test_an_exact_release_still_keeps_the_policys_caps_and_minimum_cell(tmp_path):
+    cfg = _cfg()
+    ctx = _context(cfg, _site_folder(tmp_path, 0, rows=ROWS[:24]), "[evaluation]\nrelease = \"exact\"\n")
+    status, reason, *_ = _reply(_send(ctx, "evaluate", _crafted_state(cfg), 1))
+    assert status == "refused" and "evaluate_only_known_models" in reason
+    ctx = _context(_cfg("run-2"), tmp_path / "site-0", "[evaluation]\nrelease = \"exact\"\n"
+                                                      "evaluate_only_known_models = false\n")
+    status, reason, *_ = _reply(_send(ctx, "evaluate", _crafted_state(cfg), 1))
+    assert status == "refused" and "min_cell_size=10" in reason
 
 
 def test_a_simulated_site_without_a_policy_releases_what_it_did(tmp_path):
