@@ -163,6 +163,26 @@ def test_the_client_level_floor_is_never_above_the_servers_noise(accountant):
         assert floor <= server <= floor * 1.25, (floor, server)
 
 
+
+def test_the_servers_client_level_accountant_is_bounded_too():
+    """The issue's client-level run (noise 0.0001) killed the ServerApp allocating 250 GiB in
+    its accountant; the same accountant now answers with the RDP bound, at once."""
+    import tracemalloc
+
+    from fedcare.accounting import prv_bytes
+    from fedcare.strategies.client_dp import client_level_epsilon
+
+    assert prv_bytes([(0.0001, 1.0, 3)], 1e-5) > 2**40             # what PRV would have allocated
+    epsilon_of([(1.0, 0.1, 3)], 1e-5, "prv")                         # imports, outside the measure
+    tracemalloc.start()
+    try:
+        t = time.process_time()
+        eps = client_level_epsilon(0.0001, 3, 1.0, 1e-5, "prv")
+        cpu, peak = time.process_time() - t, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert eps > 1e6 and cpu < 1.0 and peak < 10 * 2**20
+
 # --------------------------------------------------- 4. a check that cannot exhaust memory
 CHECK_100K = r"""
 import json, resource, sys, time, tracemalloc
