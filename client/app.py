@@ -204,6 +204,12 @@ def _evaluation(site: Site, policy, model, split, msg: Message, context: Context
         min_group = max(site.cfg.site.min_group_size, getattr(policy, "min_group_size", 0),
                         getattr(policy, "min_cell_size", 0))
         fairness = site_counts(scores, labels, split.groups, min_group, site.site_id)
+        if rnd >= site.cfg.rounds:   # the generalisation gap, once: the same counts on the training split
+            from .generalisation import train_split_counts
+
+            train = train_split_counts(site, model, split, min_group)
+            if train is not None:
+                fairness["train"] = train
     if fairness is not None:
         fields[S.FAIRNESS_JSON] = json.dumps(fairness)
     if not noised:   # personal and alone models' numbers cannot be derived from noised counts

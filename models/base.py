@@ -27,6 +27,9 @@ class SiteSplit:
     train: Dataset
     test: Dataset
     groups: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the same attributes for the *train* examples (aligned with ``train``), where the task
+    #: has them: the fairness generalisation gap (a group's metric on train beside test)
+    train_groups: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Task(ABC):

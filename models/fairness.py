@@ -143,10 +143,32 @@ def aggregate(counts_by_site: dict[str, dict]) -> dict:
     attributes = sorted({a for c in valid.values() for a in c["attributes"]})
     for attribute in attributes:
         out[attribute] = _attribute_summary(attribute, valid)
+    _add_train_side(out, valid)
     out["by_site"] = _site_summary({s: c["overall"] for s, c in valid.items()})
     if excluded:
         out["excluded_sites"] = excluded
     return out
+
+
+def _add_train_side(out: dict, sites: dict[str, dict]) -> None:
+    """FairTune's generalisation gap: where sites sent counts on their training split
+    (``"train"``, a ``site_counts`` output), each published group's ``train_accuracy``
+    (with ``train_n`` and its Wilson interval) and ``generalisation_gap`` = train - held-out
+    accuracy. A group suppressed on either side gets neither."""
+    train = {s: c["train"] for s, c in sites.items()
+             if isinstance(c.get("train"), dict) and _check_counts(c["train"]) is None}
+    if not train:
+        return
+    for attribute, summary in out.items():
+        if attribute == "by_site":
+            continue
+        sums = _attribute_summary(attribute, train)["by_group"]
+        for group, m in summary["by_group"].items():
+            t = sums.get(group, {})
+            if m.get("suppressed") or t.get("suppressed") or t.get("accuracy") is None or m.get("accuracy") is None:
+                continue
+            m.update(train_accuracy=t["accuracy"], train_n=t["n"], train_accuracy_lo=t["accuracy_lo"],
+                     train_accuracy_hi=t["accuracy_hi"], generalisation_gap=t["accuracy"] - m["accuracy"])
 
 
 def cell_metrics(cell: dict) -> dict:

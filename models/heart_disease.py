@@ -115,7 +115,8 @@ def _centre_split(path: str) -> SiteSplit:
     def tensors(idx: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.tensor(x[idx], dtype=torch.float32), torch.tensor(y[idx], dtype=torch.float32))
 
-    return SiteSplit(site_id="", train=tensors(train), test=tensors(test), groups=sensitive_groups(raw[test]))
+    return SiteSplit(site_id="", train=tensors(train), test=tensors(test), groups=sensitive_groups(raw[test]),
+                     train_groups=sensitive_groups(raw[train]))
 
 
 def site_file(folder: Path) -> Path:
@@ -165,7 +166,8 @@ class HeartDiseaseTask(Task):
             verify_files(folder, dict(CENTRES.values()))
             path = folder / CENTRES[site_id][0]
         split = _centre_split(str(path.resolve()))
-        return SiteSplit(site_id=site_id, train=split.train, test=split.test, groups=split.groups)
+        return SiteSplit(site_id=site_id, train=split.train, test=split.test, groups=split.groups,
+                         train_groups=split.train_groups)
 
     def build_model(self, cfg: RunConfig) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)

@@ -74,6 +74,35 @@ def test_each_personal_model_trains_and_only_its_metrics_leave(method, identity,
     assert benefit["personal"] != benefit["global"] and benefit["alone"] != benefit["global"]
     local = json.loads(evaluated.content[S.SITE][S.LOCAL_METRICS_JSON])
     assert local["accuracy"] == benefit["personal"]["accuracy"]
+    train_counts = json.loads(evaluated.content[S.SITE][S.FAIRNESS_JSON])["train"]   # the last round's
+    assert set(train_counts["attributes"]) == {"sex", "age_band"}
+
+
+def test_fairness_generalisation_gap_sums_train_counts_and_suppresses_small_groups():
+    from fedcare.models.fairness import aggregate, site_counts
+
+    rng = np.random.default_rng(0)
+
+    def counts(n, correct_share, groups):
+        labels = rng.integers(0, 2, n)
+        right = rng.random(n) < correct_share
+        pred = np.where(right, labels, 1 - labels)
+        return site_counts(np.eye(2)[pred] * 0.8 + 0.1, labels, {"sex": np.array(groups)}, 5, "s")
+
+    sites = {}
+    for s in ("a", "b"):
+        c = counts(40, 0.6, ["female"] * 20 + ["male"] * 20)
+        c["train"] = counts(100, 0.9, ["female"] * 94 + ["male"] * 3 + ["other"] * 3)   # male: 3 in training
+        sites[s] = c
+    fairness = aggregate(sites)["sex"]["by_group"]
+    female, male = fairness["female"], fairness["male"]
+    assert female["train_n"] == 188
+    expected = sum(sites[s]["train"]["attributes"]["sex"]["female"]["correct"] for s in sites) / 188
+    assert female["train_accuracy"] == pytest.approx(expected)
+    assert female["generalisation_gap"] == pytest.approx(expected - female["accuracy"])
+    assert female["train_accuracy_lo"] < expected < female["train_accuracy_hi"]
+    assert "train_accuracy" not in male and "generalisation_gap" not in male   # suppressed in training counts
+    assert female["accuracy_lo"] < female["accuracy"] < female["accuracy_hi"]  # Wilson on every rate
 
 
 @pytest.mark.timeout(300)

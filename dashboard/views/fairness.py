@@ -98,6 +98,7 @@ def summary_view(names: list[str], summary: dict, shown: dict[str, str], metrics
                      **({k: m.get(k) for k in ["n", *metrics]} if not m.get("suppressed") else {}),
                      **{f"{k} 95% CI": f"[{m[k + '_lo']:.3f}, {m[k + '_hi']:.3f}]" for k in metrics
                         if m.get(f"{k}_lo") is not None},
+                     **{k: m[k] for k in ("train_n", "train_accuracy", "generalisation_gap") if k in m},
                      "suppressed at": ", ".join(m.get("suppressed_at", [])) or ""})
     import pandas as pd
 
@@ -108,7 +109,8 @@ def summary_view(names: list[str], summary: dict, shown: dict[str, str], metrics
     st.caption(f"Worst group (lowest accuracy) highlighted: **{worst}**. Groups smaller than a site's threshold "
                "are suppressed at that site and contribute nothing from it. Intervals: 95% Wilson score "
                "intervals from the released counts (a gap between two groups whose intervals overlap widely "
-               "may be chance).")
+               "may be chance). train_accuracy: the same model on the sites' training patients of the group "
+               "(last round); generalisation_gap = train - held-out accuracy.")
 
 
 def site_view(by_site: dict, rnd: int) -> None:
