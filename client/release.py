@@ -18,9 +18,10 @@ the site releases only counts it has protected, and metrics derived from them:
   (RDP accountant). For add/remove neighbours the same release has noise multiplier
   ``z * sqrt(2)``; the ledger is charged ``z`` (one Gaussian step at sample rate 1):
   an over-count, never an under-count;
-* the noisy counts are rounded and clipped at 0 (post-processing) and everything sent is
-  computed from them: ``num-examples``, ``accuracy``, ``balanced_accuracy``,
-  ``macro_f1``, ``auroc`` (from the histogram) and the fairness counts. ``loss``, the
+* everything sent is computed from the noisy counts (post-processing): ``num-examples``,
+  ``accuracy``, ``balanced_accuracy``, ``macro_f1`` and ``auroc`` (from the histogram)
+  from the rounded counts as they are (clipping each at 0 first would bias every ratio),
+  each clipped to [0, 1]; the fairness counts rounded and clipped at 0. ``loss``, the
   personalised model's metrics and task-specific extras (exact match, perplexity) cannot
   be derived from the counts and are not sent.
 
@@ -51,7 +52,7 @@ import numpy as np
 
 from fedcare.accounting import epsilon_of
 from fedcare.errors import PolicyRefusal, PrivacyError
-from fedcare.models.fairness import CLASS_ATTRIBUTE, VERSION, cell_metrics, suppressed_groups
+from fedcare.models.fairness import CLASS_ATTRIBUTE, VERSION, histogram_auroc, suppressed_groups
 
 RELEASES = ("noised", "exact", "none")
 ACCOUNTANT = "rdp"
@@ -211,46 +212,44 @@ def noised_release(scores: np.ndarray, labels: np.ndarray, groups: dict[str, np.
     groups = groups or {CLASS_ATTRIBUTE: np.array([f"class {c}" for c in labels])}
     layers = groups if rules.send_group_counts else {}
     sigma = z * sensitivity(k, len(layers))
-    overall = _noisy_cell(probs, labels, sigma, rng)
+    overall = _noisy_counts(probs, labels, sigma, rng)
     attributes = {}
     for attribute, values in layers.items():
         values = np.asarray(values).astype(str).reshape(-1)
         names, sizes = np.unique(values, return_counts=True)
         hidden = suppressed_groups(dict(zip(names.tolist(), sizes.tolist())),
-                                    max(rules.min_group_size, rules.min_cell_size))
-        cells = {name: _noisy_cell(probs[values == name], labels[values == name], sigma, rng)
+                                   max(rules.min_group_size, rules.min_cell_size))
+        cells = {name: _cell(*_noisy_counts(probs[values == name], labels[values == name], sigma, rng))
                  for name in names.tolist()}    # every group is noised, so the noise is the same either way
         attributes[str(attribute)] = {name: ({"suppressed": True} if name in hidden else cell)
                                       for name, cell in cells.items()}
-    metrics = {NUM_EXAMPLES: overall["n"], **derived_metrics(overall, k)}
+    metrics = {NUM_EXAMPLES: max(0, int(overall[0].sum())), **derived_metrics(*overall)}
     fairness = None
     if rules.send_group_counts:
         fairness = {"version": VERSION, "site": site_id, "num_classes": k, "bins": BINS,
-                    "min_group_size": max(rules.min_group_size, rules.min_cell_size), "overall": overall,
+                    "min_group_size": max(rules.min_group_size, rules.min_cell_size), "overall": _cell(*overall),
                     "attributes": attributes,
                     "release": {"mechanism": "gaussian", "sigma": sigma, "epsilon": rules.epsilon,
                                 "delta": rules.delta}}
     return metrics, fairness
 
 
-def derived_metrics(cell: dict, num_classes: int) -> dict[str, float]:
-    """accuracy, balanced_accuracy, macro_f1 and (binary) auroc of one released cell."""
-    n = cell["n"]
-    if n <= 0:
+def derived_metrics(confusion: np.ndarray, joints: list[np.ndarray]) -> dict[str, float]:
+    """accuracy, balanced_accuracy, macro_f1 and (binary) auroc from noisy counts that
+    are rounded but not clipped (clipping at 0 would bias every ratio: most cells of a
+    confusion matrix are near 0), each clipped to [0, 1]; {} when the total is not
+    positive."""
+    total = confusion.sum()
+    if total <= 0:
         return {}
-    one_vs_rest = {c["class"]: c for c in cell["classes"]}
-    if num_classes == 2:   # class 0's counts mirror class 1's
-        c1 = one_vs_rest[1]
-        one_vs_rest[0] = {"tp": c1["tn"], "fn": c1["fp"], "fp": c1["fn"], "tn": c1["tp"]}
-    recall, f1 = [], []
-    for c in (one_vs_rest[i] for i in range(num_classes)):
-        pos, pred = c["tp"] + c["fn"], c["tp"] + c["fp"]
-        recall.append(c["tp"] / pos if pos else 0.0)
-        f1.append(2 * c["tp"] / (pos + pred) if pos + pred else 0.0)
-    out = {"accuracy": cell["correct"] / n, "balanced_accuracy": float(np.mean(recall)),
+    unit = lambda x: float(min(1.0, max(0.0, x)))   # noqa: E731
+    diag, rows, cols = np.diag(confusion), confusion.sum(axis=1), confusion.sum(axis=0)
+    recall = [unit(d / r) if r > 0 else 0.0 for d, r in zip(diag, rows)]
+    f1 = [unit(2 * d / (r + c)) if r + c > 0 else 0.0 for d, r, c in zip(diag, rows, cols)]
+    out = {"accuracy": unit(diag.sum() / total), "balanced_accuracy": float(np.mean(recall)),
            "macro_f1": float(np.mean(f1))}
-    if num_classes == 2:
-        auroc = cell_metrics(cell)["auroc"]
+    if len(diag) == 2:
+        auroc = histogram_auroc(np.clip(joints[0][1], 0, None), np.clip(joints[0][0], 0, None))
         if auroc is not None:
             out["auroc"] = auroc
     return out
@@ -260,23 +259,31 @@ def _scored(num_classes: int) -> list[int]:
     return [1] if num_classes == 2 else list(range(num_classes))
 
 
-def _noisy_cell(probs: np.ndarray, labels: np.ndarray, sigma: float, rng: np.random.Generator) -> dict:
-    """One cell in the fairness module's shape, from a noisy confusion matrix and noisy
-    joint score histograms (rounded, clipped at 0)."""
+def _noisy_counts(probs: np.ndarray, labels: np.ndarray, sigma: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The noisy (rounded, not clipped) confusion matrix and, per scored class, the joint
+    histogram (true or not x score bin) of one cell."""
     k = probs.shape[1]
-    noisy = lambda counts: np.clip(np.rint(counts + rng.normal(0.0, sigma, counts.shape)), 0, None).astype(int)  # noqa: E731
+    noisy = lambda counts: np.rint(counts + rng.normal(0.0, sigma, counts.shape))   # noqa: E731
     confusion = np.zeros((k, k))
-    np.add.at(confusion, (labels, probs.argmax(axis=1) if len(probs) else labels), 1)
-    confusion = noisy(confusion)
+    np.add.at(confusion, (labels, probs.argmax(axis=1)), 1)
+    joints = []
+    for c in _scored(k):
+        joint = np.zeros((2, BINS))
+        np.add.at(joint, ((labels == c).astype(int), np.clip((probs[:, c] * BINS).astype(int), 0, BINS - 1)), 1)
+        joints.append(noisy(joint))
+    return noisy(confusion), joints
+
+
+def _cell(confusion: np.ndarray, joints: list[np.ndarray]) -> dict:
+    """One cell in the fairness module's shape (counts clipped at 0, as it requires)."""
+    confusion = np.clip(confusion, 0, None).astype(int)
     n = int(confusion.sum())
     classes = []
-    for c in _scored(k):
+    for c, joint in zip(_scored(len(confusion)), joints):
+        joint = np.clip(joint, 0, None).astype(int)
         tp = int(confusion[c, c])
         fn, fp = int(confusion[c].sum()) - tp, int(confusion[:, c].sum()) - tp
-        idx = np.clip((probs[:, c] * BINS).astype(int), 0, BINS - 1)
-        joint = np.zeros((2, BINS))
-        np.add.at(joint, ((labels == c).astype(int), idx), 1)
-        joint = noisy(joint)
         classes.append({"class": c, "tp": tp, "fp": fp, "tn": n - tp - fn - fp, "fn": fn,
                         "hist_pos": joint[1].tolist(), "hist_neg": joint[0].tolist()})
     return {"n": n, "correct": int(np.trace(confusion)), "classes": classes}
