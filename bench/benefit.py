@@ -23,6 +23,8 @@ learning rate, ditto lambda 0.1. ``--set key=value`` overrides a preset key (e.g
 
     python bench/benefit.py --tasks heart-disease                 # 3 seeds, no DP and eps 8
     python bench/benefit.py --tasks medical-abstracts --seeds 42 --set rounds=10
+    python bench/benefit.py --tasks breastmnist --out /tmp/b.json       # alongside another run
+    python bench/benefit.py --no-run --merge /tmp/b.json                # then one table of both
 Writes bench/results/benefit.json (rows merged by task), bench/results/benefit.png, and
 prints the table of medians [min-max] over seeds, per site.
 """
@@ -227,13 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="preset key=value")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="MiniLM embedding cache (text task)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="also take the rows (and sizes) of these JSON files, e.g. a task run with its own --out")
+    ap.add_argument("--no-run", action="store_true", help="only summarise the rows already in --out and --merge")
     args = ap.parse_args(argv)
     _identity()
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    rows = [r for r in previous.get("rows", []) if r["task"] not in args.tasks]
+    running = [] if args.no_run else args.tasks
+    rows = [r for r in previous.get("rows", []) if r["task"] not in running]
     sizes = dict(previous.get("sizes", {}))
-    for task in args.tasks:
+    for other in args.merge:
+        doc = json.loads(other.read_text())
+        merged = {r["task"] for r in doc["rows"]}
+        rows = [r for r in rows if r["task"] not in merged] + doc["rows"]
+        sizes.update(doc.get("sizes", {}))
+    for task in running:
         preset = dict(SIZES["cpu"]["settings"][task])
         for item in args.sets:
             k, _, v = item.partition("=")
@@ -255,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{row['wall_s']:.0f} s", flush=True)
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps({"machine": machine(), "sizes": sizes, "rows": rows}, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     summ = summary(rows)
     targets = check_targets(summ)
     args.out.write_text(json.dumps({"machine": machine(), "sizes": sizes, "rows": rows, "summary": summ,

@@ -3,6 +3,7 @@ trains and stays at the site, its DP-SGD steps are charged, the report carries t
 per-site benefit, and intervals are what they claim to be."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,8 +163,9 @@ def test_budget_zero_is_shown_as_no_cap():
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-def test_a_simulation_with_the_alone_baseline_prints_and_reports_the_benefit(tmp_path):
+def test_a_simulation_with_the_alone_baseline_prints_and_reports_the_benefit(tmp_path, monkeypatch):
     from e2e import fedcare
+    from streamlit.testing.v1 import AppTest
 
     db = f"sqlite:///{tmp_path / 'b.db'}"
     run = fedcare("simulate", "--quiet", "--db", db, "--task", "heart-disease", "--rounds", "1",
@@ -179,3 +181,15 @@ def test_a_simulation_with_the_alone_baseline_prints_and_reports_the_benefit(tmp
         assert ba["lo"] <= ba["value"] <= ba["hi"]
         assert entry["n"] > 0
     assert benefit["sites"]["cleveland"]["prevalence"]   # large enough to publish its classes
+    # the dashboard's Benefit page shows the same numbers, prevalence beside them
+    monkeypatch.setenv("FEDCARE_DB", db)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
+    at.session_state["fedcare_run"] = run_id
+    at.run()
+    at.switch_page("views/benefit.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[0].value
+    assert set(table["site"]) == set(benefit["sites"]) and "class prevalence" in table
+    ba = benefit["sites"]["hungary"]["personal"]["balanced_accuracy"]["value"]
+    assert table.set_index("site").loc["hungary", "personal balanced_accuracy"].startswith(f"{ba:.3f}")
+    assert at.get("plotly_chart")
