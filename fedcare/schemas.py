@@ -40,6 +40,7 @@ METRICS_JSON = "metrics_json"   # in EVALUATION: what an evaluate reply's METRIC
 
 # --- keys inside CONFIG (server -> site) ------------------------------------------
 EVALUATE_FIRST = "evaluate-first"  # evaluate the incoming global model, then train
+SERVER_ROUND = "server-round"      # the round number (Flower's key)
 
 # --- site-round statuses in the store ----------------------------------------------
 ACCEPTED = "accepted"    # update aggregated
@@ -115,7 +116,8 @@ class SiteUpdate:
     lora_rank: int | None = None
     worker: str = ""                 # simulation: where the site ran (WORKER), "" if not said
     arrays: dict[str, np.ndarray] | None = None
-    message: Any = None              # the Flower reply, for strategies that aggregate messages
+    message: Any = None              # the Flower reply: only secure aggregation reads it (its own
+                                     # record); aggregation (strategies/aggregate.py) uses ``arrays``
 
     @property
     def ok(self) -> bool:

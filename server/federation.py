@@ -7,11 +7,12 @@ last committed round with the stored global state.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcare import __version__, schemas as S
@@ -19,6 +20,9 @@ from fedcare.config import RunConfig
 from fedcare.models.registry import get_task
 from fedcare.models.state import get_trainable_state
 from fedcare.records import to_array_record
+from fedcare.strategies.aggregate import ServerState, aggregate
+from fedcare.strategies.client_dp import restore_releases
+from fedcare.strategies.registry import build_strategy
 
 log = logging.getLogger("fedcare.server")
 POLL_S = 0.1   # between pulls of the replies still missing
@@ -48,8 +52,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> str:
 
 class Federation:
     def __init__(self, grid: Grid, cfg: RunConfig, store, run_id: str) -> None:
-        from fedcare.strategies.registry import build_strategy
-
         self.grid, self.cfg, self.store, self.run_id = grid, cfg, store, run_id
         self.node_ranks: dict[int, int] = {}
         self.node_sites: dict[int, str] = {}   # learnt from replies, to name a site that drops out
@@ -60,11 +62,8 @@ class Federation:
         self.transfer: dict[str, float] = {}    # seconds pushing / pulling, last exchange
         self.accepted_updates = 0               # over the rounds this process ran
         self.task = get_task(cfg.task)
-        self.strategy = build_strategy(cfg, self.task)
-        if cfg.dp.level == "client":
-            from fedcare.strategies.client_dp import wrap_client_dp
-
-            self.strategy = wrap_client_dp(self.strategy, cfg, len(self.task.site_ids(cfg)))
+        self.strategy = build_strategy(cfg, self.task)   # the rule, its LoRA space, client-level DP
+        self.server_state = ServerState()                 # what aggregation carries between rounds
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -75,9 +74,8 @@ class Federation:
             for row in store.site_rounds(self.run_id):   # who was who, before the restart
                 if row.get("node_id") and not str(row["site"]).startswith("node-"):
                     self.node_sites[int(row["node_id"])] = row["site"]
-            from fedcare.strategies.client_dp import restore_releases
-
-            restore_releases(self.strategy, store.rounds(self.run_id))
+            # client-level DP releases count again; FedAdam/FedYogi moments start afresh
+            self.server_state = restore_releases(self.server_state, store.rounds(self.run_id))
             store.add_event(self.run_id, "resumed", f"resuming at round {start} of {cfg.rounds}")
         else:
             state = initial_state(cfg)
@@ -103,7 +101,9 @@ class Federation:
         nonce = secrets.token_hex(16)   # echoed by every site: a reply from an earlier round is stale
         rides = cfg.strategy.evaluate_with_train and rnd > 1   # the sites evaluate round rnd-1's model
         config = ConfigRecord({S.NONCE: nonce, **({S.EVALUATE_FIRST: True} if rides else {})})
-        msgs = list(self.strategy.configure_train(rnd, to_array_record(shared), config, self.grid))
+        for key, value in self.strategy.train_config.items():   # fedprox: proximal-mu
+            config[key] = value
+        msgs = self._messages(MessageType.TRAIN, rnd, shared, config, cfg.strategy.fraction_train)
         self._fit_ranks(msgs, shared)
         replies = self._send_and_collect(msgs, timeout)
         if rides:
@@ -122,12 +122,10 @@ class Federation:
             new, agg_metrics = self._aggregate(rnd, accepted, sites, shared, nonce)
             if new is not None:
                 state = {**state, **new}
-            if agg_metrics and S.TRAIN_LOSS in agg_metrics:
-                metrics[S.TRAIN_LOSS] = float(agg_metrics[S.TRAIN_LOSS])  # weighted by examples
             sent = [s.update_bytes for s in sites if s.accepted]
             metrics["update_bytes_total"] = float(sum(sent))
             metrics["update_bytes_per_site"] = float(np.mean(sent)) if sent else 0.0
-            metrics.update({k: float(v) for k, v in getattr(self.strategy, "last_diagnostics", {}).items()})
+            metrics.update({k: float(v) for k, v in (agg_metrics or {}).items()})   # train_loss, diagnostics
             metrics["aggregated"] = 1.0
         else:
             metrics["aggregated"] = 0.0
@@ -181,14 +179,29 @@ class Federation:
 
     def _aggregate(self, rnd: int, accepted: list[S.SiteUpdate], sites: list[S.SiteRound],
                    shared: dict[str, np.ndarray], nonce: str):
-        """(new state, metrics) by the strategy, or by secure aggregation (server/secagg.py)."""
+        """(new state, the round's aggregation metrics: train_loss weighted as the state,
+        diagnostics) by the strategy, or by secure aggregation (server/secagg.py)."""
         if not self.cfg.secagg.enabled:
-            return self.strategy.aggregate_states(rnd, [(u.message, u.arrays) for u in accepted])
+            result = aggregate(self.strategy, accepted, shared, rnd, self.server_state)
+            self.server_state = result.server_state
+            loss = {} if result.train_loss is None else {S.TRAIN_LOSS: result.train_loss}
+            return result.state, {**loss, **result.diagnostics}
         from .secagg import secure_aggregate
 
-        new, metrics = secure_aggregate(self, rnd, accepted, sites, shared, nonce)
-        self.strategy.last_diagnostics = metrics   # secagg_* numbers join the round's metrics
-        return new, metrics
+        return secure_aggregate(self, rnd, accepted, sites, shared, nonce)   # secagg_* numbers in its metrics
+
+    def _messages(self, kind: str, rnd: int, arrays: dict[str, np.ndarray], config: ConfigRecord,
+                  fraction: float) -> list[Message]:
+        """One ``kind`` message per site, in node order, all carrying ``arrays`` and
+        ``config`` with the round number: every connected site, or a random ``fraction``
+        of them (at least ``strategy.min_sites``)."""
+        nodes = sorted(self.grid.get_node_ids())
+        size = max(int(len(nodes) * fraction), self.cfg.strategy.min_sites)
+        if size < len(nodes):
+            nodes = sorted(random.sample(nodes, size))
+        config[S.SERVER_ROUND] = rnd
+        content = RecordDict({S.ARRAYS: to_array_record(arrays), S.CONFIG: config})
+        return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]
 
     def _fit_ranks(self, msgs: list[Message], shared: dict[str, np.ndarray]) -> None:
         """Send each site whose LoRA rank is known (from its earlier replies) the global
@@ -197,9 +210,9 @@ class Federation:
 
         for m in msgs:
             rank = self.node_ranks.get(m.metadata.dst_node_id)
-            if rank:  # a RecordDict of its own: the strategy shares one across messages
+            if rank:  # a RecordDict of its own: _messages shares one across messages
                 records = dict(m.content.items())
-                records[S.ARRAYS] = to_array_record(per_site_arrays(self.strategy, shared, rank))
+                records[S.ARRAYS] = to_array_record(per_site_arrays(self.strategy.lora, shared, rank))
                 m.content = RecordDict(records)
 
     def _shared(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -271,8 +284,8 @@ class Federation:
         """Round ``rnd``'s global model evaluated by the sites, in evaluate messages; a
         site that refused to train in the round is not asked (``refused``: its nodes)."""
         nonce = secrets.token_hex(16)
-        msgs = [m for m in self.strategy.configure_evaluate(rnd, to_array_record(self._shared(state)),
-                                                            ConfigRecord({S.NONCE: nonce}), self.grid)
+        msgs = [m for m in self._messages(MessageType.EVALUATE, rnd, self._shared(state), ConfigRecord({S.NONCE: nonce}),
+                                          self.cfg.strategy.fraction_evaluate)
                 if m.metadata.dst_node_id not in refused]
         replies = self._send_and_collect(msgs, self.cfg.strategy.round_timeout)
         return self._summarise(rnd, self._parse(msgs, replies, "evaluate", nonce))

@@ -1,36 +1,38 @@
 """Client-level DP (``dp.level=client``): what a whole hospital contributed is hidden.
 
-Flower's ``DifferentialPrivacyServerSideFixedClipping`` clips every site's update (its
-difference to the global state) to ``dp.max_grad_norm`` and adds Gaussian noise of
-standard deviation ``z * C / m`` to the mean of the ``m`` aggregated updates (McMahan et
-al. 2018, "Learning differentially private recurrent language models"). With every site
-taking part in every round there is no sampling amplification: each round is one
-Gaussian mechanism of multiplier ``z`` on the add/remove-one-hospital relation, and the
-server-side accountant composes the released rounds into the client-level epsilon
-(``last_diagnostics["client_epsilon"]``, stored with each round's metrics).
+A composition of three functions (McMahan et al. 2018, "Learning differentially private
+recurrent language models"; Flower's ``DifferentialPrivacyServerSideFixedClipping``
+does the same): ``clip_update`` bounds every site's update (its difference to the
+global state) to ``dp.max_grad_norm``; the rule averages the clipped states with equal
+weights; ``add_noise`` adds Gaussian noise of standard deviation ``z * C / m`` to the
+mean of the ``m`` aggregated updates. With every site taking part in every round there
+is no sampling amplification: each round is one Gaussian mechanism of multiplier ``z``
+on the add/remove-one-hospital relation, and the server-side accountant composes the
+released rounds into the client-level epsilon (``client_epsilon``, stored with each
+round's metrics; ``restore_releases`` counts them again on resume).
 
-The guarantee holds for the uniform mean of clipped updates only, so this wrapper
-(a) weights every site equally (whatever its number of examples), (b) accepts only
-strategies whose server rule is that mean (fedavg, fedprox; LoRA naive or ffa), and
-(c) scales the noise to the number of updates actually aggregated.
+The guarantee holds for the uniform mean of clipped updates only, so (a) every site
+weighs the same (whatever its number of examples), (b) only rules whose server step is
+that mean are accepted (fedavg, fedprox; LoRA naive or ffa), and (c) the noise is
+scaled to the number of updates actually aggregated.
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from fedcare.accounting import epsilon_of
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PrivacyError
-from fedcare.records import from_array_record, to_array_record
-from fedcare.schemas import ARRAYS, NUM_EXAMPLES
+
+if TYPE_CHECKING:   # types only: aggregate.py composes this module's functions
+    from .aggregate import Aggregate, ServerState
+
+State = Mapping[str, np.ndarray]
 
 MEAN_STRATEGIES = ("fedavg", "fedprox")
 MEAN_LORA_MODES = ("naive", "ffa")
@@ -53,7 +55,7 @@ def client_noise_multiplier(cfg: RunConfig, sample_rate: float = 1.0) -> float:
         if dp.noise_multiplier <= 0:
             raise PrivacyError("client-level DP: set dp.epsilon (a target for the run) or dp.noise_multiplier")
         return float(dp.noise_multiplier)
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier   # heavy: only when calibrating to a target
 
     try:
         with warnings.catch_warnings():
@@ -82,91 +84,73 @@ def check_client_dp(cfg: RunConfig) -> None:
         raise ConfigError("dp.max_grad_norm (the clipping norm of each site's update) must be > 0")
 
 
-class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP wrapper, with uniform site weights, noise
-    for the number of updates actually aggregated, and a client-level accountant."""
+@dataclass(frozen=True)
+class ClientDP:
+    """The run's client-level DP: clipping norm, noise multiplier and accountant."""
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float, num_sites: int,
-                 delta: float, accountant: str) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sites)
-        self.num_sites = num_sites
-        self.delta = delta
-        self.accountant_name = accountant
-        self.releases = 0
-        self._diagnostics: dict[str, float] = {}
+    noise_multiplier: float
+    clipping_norm: float
+    delta: float
+    accountant: str
 
-    def __getattr__(self, name: str):
-        # attributes of the wrapped strategy (min_train_nodes...) read through
-        if name in ("strategy", "__setstate__") or name.startswith("aggregate"):
-            raise AttributeError(name)   # an aggregation read through would skip the clipping and noise
-        return getattr(self.strategy, name)
+    def noise_std(self, aggregated: int) -> float:
+        """Standard deviation of the noise on the mean of ``aggregated`` clipped updates."""
+        return float((self.noise_multiplier * self.clipping_norm) / aggregated)
 
-    @property
-    def client_epsilon(self) -> float:
-        return client_level_epsilon(self.noise_multiplier, self.releases, 1.0, self.delta, self.accountant_name)
-
-    @property
-    def last_diagnostics(self) -> dict[str, float]:
-        return {**getattr(self.strategy, "last_diagnostics", {}), **self._diagnostics}
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok = [m for m in replies if not m.has_error()]
-        self._diagnostics = {}
-        if not ok:
-            return None, None
-        current = dict(from_array_record(self.current_arrays))
-        copies = [_uniform_copy(m, current) for m in ok]
-        self.num_sampled_clients = len(copies)   # noise std z * C / m for the mean of m updates
-        arrays, metrics = super().aggregate_train(server_round, copies)
-        if arrays is not None:
-            self.releases += 1
-            self._diagnostics = {
-                "client_epsilon": self.client_epsilon,
-                "client_noise_multiplier": float(self.noise_multiplier),
-                "client_clipping_norm": float(self.clipping_norm),
-                "client_noise_std": float(self.noise_multiplier * self.clipping_norm / len(copies)),
-            }
-        return arrays, metrics
-
-    def aggregate_states(self, server_round: int, updates: Sequence[tuple[Message, dict[str, np.ndarray]]]
-                         ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None]:
-        """The round loop's entry (as ``LoraAwareStrategy.aggregate_states``): clipped
-        and noised like ``aggregate_train``, from the replies themselves."""
-        arrays, metrics = self.aggregate_train(server_round, [m for m, _ in updates])
-        return (None if arrays is None else dict(from_array_record(arrays))), metrics
+    def epsilon(self, releases: int) -> float:
+        return client_level_epsilon(self.noise_multiplier, releases, 1.0, self.delta, self.accountant)
 
 
-def restore_releases(strategy: Strategy, stored_rounds: Iterable[dict]) -> None:
-    """On resume: the noisy aggregations already released in the stored rounds (each
-    round that released one stored its ``client_epsilon``) count towards the epsilon."""
-    if isinstance(strategy, ClientLevelDP):
-        strategy.releases = sum("client_epsilon" in (r.get("metrics") or {}) for r in stored_rounds)
-
-
-def _uniform_copy(msg: Message, current: dict[str, np.ndarray]) -> Message:
-    """A copy of a reply with its arrays in the global state's key order (Flower's
-    clipping pairs arrays by position) and a weight of 1 (uniform mean)."""
-    arrays = dict(from_array_record(msg.content[ARRAYS]))
-    if set(arrays) != set(current):
-        raise ValueError(f"update keys differ from the global state's: {sorted(set(arrays) ^ set(current))[:3]}")
-    arrays = {k: np.array(arrays[k], copy=True) for k in current}
-    if all(np.array_equal(arrays[k], current[k]) for k in current):
-        # Flower's clipping divides by the update's norm; an unchanged state (norm 0)
-        # is moved by 1e-12 (or one ulp) in one coordinate so it aggregates as the zero update it is.
-        first = next(k for k in current if arrays[k].size)
-        flat = arrays[first].reshape(-1)
-        flat[0] = flat[0] + max(float(np.spacing(np.abs(flat[0]))), 1e-12)
-    content = RecordDict({ARRAYS: to_array_record(arrays)})
-    for key, rec in msg.content.metric_records.items():
-        content[key] = MetricRecord({**dict(rec), NUM_EXAMPLES: 1})
-    return Message(content=content, metadata=copy.deepcopy(msg.metadata))
-
-
-def wrap_client_dp(strategy: Strategy, cfg: RunConfig, num_sites: int) -> ClientLevelDP:
-    """The run's strategy under client-level DP (every site in every round)."""
+def client_dp_of(cfg: RunConfig) -> ClientDP:
+    """The run's client-level DP (every site in every round), checked and calibrated."""
     check_client_dp(cfg)
     noise = client_noise_multiplier(cfg, sample_rate=1.0)
     if not math.isfinite(noise) or noise <= 0:
         raise PrivacyError(f"client-level DP: noise multiplier {noise} is not usable")
-    return ClientLevelDP(strategy, noise, cfg.dp.max_grad_norm, num_sites, cfg.dp.delta, cfg.dp.accountant)
+    return ClientDP(noise, float(cfg.dp.max_grad_norm), float(cfg.dp.delta), cfg.dp.accountant)
+
+
+def clip_update(state: State, global_state: State, clipping_norm: float) -> dict[str, np.ndarray]:
+    """``global + (state - global) * min(1, C / ||state - global||)``, keys in the global
+    state's order (a lower-rank LoRA factor against the same slice of the global one)."""
+    if set(state) != set(global_state):
+        raise ValueError(f"update keys differ from the global state's: {sorted(set(state) ^ set(global_state))[:3]}")
+    base = {k: np.asarray(global_state[k])[tuple(slice(0, n) for n in np.shape(state[k]))] for k in global_state}
+    update = {k: np.subtract(state[k], base[k]) for k in global_state}
+    norm = float(np.sqrt(sum([np.linalg.norm(u.flat) ** 2 for u in update.values()])))
+    factor = min(1, clipping_norm / norm) if norm > 0 else 1
+    for u in update.values():
+        u *= factor
+    return {k: base[k] + update[k] for k in global_state}
+
+
+def add_noise(state: State, std: float, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Each array plus Gaussian noise of standard deviation ``std``, in its dtype."""
+    rng = rng if rng is not None else np.random.default_rng()
+    return {k: np.asarray(v) + rng.normal(0, std, np.shape(v)).astype(np.asarray(v).dtype) for k, v in state.items()}
+
+
+Rule = Callable[..., "Aggregate"]   # (states, weights, losses, global_state, round, server_state)
+
+
+def private_aggregate(dp: ClientDP, rule: Rule, states: Sequence[State], losses: Sequence[float | None],
+                      global_state: State, rnd: int, server_state: "ServerState",
+                      rng: np.random.Generator | None = None) -> "Aggregate":
+    """Clip each update, apply ``rule`` with equal weights, add noise for the number of
+    updates aggregated; one more release counted in the returned server state."""
+    clipped = [clip_update(s, global_state, dp.clipping_norm) for s in states]
+    result = rule(clipped, [1.0] * len(clipped), losses, global_state, rnd, server_state)
+    releases = result.server_state.releases + 1
+    std = dp.noise_std(len(clipped))
+    return replace(result, state=add_noise(result.state, std, rng),
+                   server_state=replace(result.server_state, releases=releases),
+                   diagnostics={**result.diagnostics, "client_epsilon": dp.epsilon(releases),
+                                "client_noise_multiplier": float(dp.noise_multiplier),
+                                "client_clipping_norm": float(dp.clipping_norm), "client_noise_std": std})
+
+
+def restore_releases(server_state: "ServerState", stored_rounds: Iterable[dict]) -> "ServerState":
+    """On resume: the noisy aggregates already released in the stored rounds (each round
+    that released one stored its ``client_epsilon``) count towards the epsilon."""
+    return replace(server_state,
+                   releases=sum("client_epsilon" in (r.get("metrics") or {}) for r in stored_rounds))

@@ -120,11 +120,10 @@ def state_for_site_rank(global_state: State, r_site: int | None, cfg) -> dict[st
     return truncate_for_site(global_state, int(r_site), cfg.lora.aggregation, rank_scale(cfg))
 
 
-def per_site_arrays(strategy, global_state: State, site_rank: int | None) -> dict[str, np.ndarray]:
-    """What one site receives: the global state at the site's declared rank
-    (``strategy`` is the object ``build_strategy`` returned; it knows the mode and
-    LoRA scale). ``site_rank`` None or equal to the global rank: the global state."""
+def per_site_arrays(plan, global_state: State, site_rank: int | None) -> dict[str, np.ndarray]:
+    """What one site receives: the global state at the site's declared rank (``plan``:
+    the run's ``LoraPlan``, ``build_strategy(...).lora``, which knows the mode and LoRA
+    scale). ``site_rank`` None or equal to the global rank: the global state."""
     if site_rank is None or lora_rank(global_state) in (None, site_rank):
         return dict(global_state)
-    return truncate_for_site(global_state, int(site_rank), getattr(strategy, "lora_mode", "naive"),
-                             getattr(strategy, "rank_scale", None))
+    return truncate_for_site(global_state, int(site_rank), plan.mode, plan.scale)

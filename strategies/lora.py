@@ -118,6 +118,13 @@ def factorise(w: np.ndarray, rank: int, a_tail: tuple[int, ...], b_tail: tuple[i
     return a.reshape((rank, *a_tail)), b.reshape((w.shape[0], rank, *b_tail)), lost, total
 
 
+def product_space_keys(keys: Sequence[str]) -> list[str]:
+    """The keys ``to_product_space`` gives a state with ``keys``, in its order."""
+    pairs = lora_pairs(keys)
+    prefix_of = {p.a_key: p.product_key for p in pairs} | {p.b_key: p.product_key for p in pairs}
+    return list(dict.fromkeys(prefix_of.get(k, k) for k in keys))
+
+
 def to_product_space(state: State, scale: RankScale = None) -> dict[str, np.ndarray]:
     """Replace each (A, B) pair by the (scaled) product ``scale(r) * B @ A`` under
     ``<prefix>.lora_BA``, in place of the pair's first key; other keys pass unchanged."""

@@ -1,73 +1,60 @@
-"""Strategies by name: ``build_strategy(cfg, task)`` -> a Flower ``Strategy``.
+"""Strategies by name: ``build_strategy(cfg, task)`` -> the run's ``Strategy``.
 
-Every strategy is Flower's own (``flwr.serverapp.strategy``) wrapped in
-``LoraAwareStrategy`` so that ``lora.aggregation`` (naive | ffa | exact) applies to
-all of them. Allowed combinations:
+A strategy is a rule (``rules.py``: FedAvg, FedAdam, FedMedian, Krum...) with its
+parameters from the run config, the LoRA mode it runs in (``lora.aggregation``) and,
+under ``dp.level=client``, client-level DP around it; ``aggregate.aggregate`` applies
+it to a round's updates. Allowed combinations:
 
-- any strategy x ``naive``; any strategy x ``ffa`` / ``exact`` on a LoRA task
+- any rule x ``naive``; any rule x ``ffa`` / ``exact`` on a LoRA task
   (robust and adaptive rules then run on B alone, or on the products B A);
 - ``ffa`` / ``exact`` on a task without LoRA, or with ``lora.personalize=lora_B``
   (B stays at the sites, so there is no product to average and nothing of the
   adapter but A to share): ConfigError.
 
-``fedprox``: the server side is FedAvg; Flower's FedProx puts ``proximal-mu`` in the
-train config and the client adds the proximal term.
+``fedprox``: the server side is FedAvg; the training message carries ``proximal-mu``
+and the client adds the proximal term. Adding a rule: its function in ``rules.py`` and
+one line in ``_RULES`` (with its checks in ``check_strategy_config``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from flwr.serverapp.strategy import (
-    FedAdam,
-    FedAvg,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    QFedAvg,
-    Strategy,
-)
+from functools import partial
+from typing import Callable
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 from fedcare.models.base import Task
-from fedcare.schemas import ARRAYS, CONFIG, NUM_EXAMPLES, TRAIN_LOSS
 
+from . import rules
+from .aggregate import Strategy
+from .client_dp import client_dp_of
 from .hetero import rank_scale
-from .lora_strategy import LoraAwareStrategy
+from .lora_strategy import LoraPlan
+from .rules import Rule
 from .secagg import check_secagg_config
 
-
-def _common(cfg: RunConfig) -> dict[str, Any]:
-    n = cfg.strategy.min_sites
-    return dict(fraction_train=cfg.strategy.fraction_train, fraction_evaluate=cfg.strategy.fraction_evaluate,
-                min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=NUM_EXAMPLES,
-                arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
-
-
-_BUILDERS: dict[str, Callable[[RunConfig], Strategy]] = {
-    "fedavg": lambda cfg: FedAvg(**_common(cfg)),
-    "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.strategy.proximal_mu),
-    "fedadam": lambda cfg: FedAdam(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr, tau=cfg.strategy.tau),
-    "fedyogi": lambda cfg: FedYogi(**_common(cfg), eta=cfg.strategy.eta, eta_l=cfg.train.lr, tau=cfg.strategy.tau),
-    "qfedavg": lambda cfg: QFedAvg(client_learning_rate=cfg.train.lr, q=cfg.strategy.q,
-                                   train_loss_key=TRAIN_LOSS, **_common(cfg)),
-    "fedmedian": lambda cfg: FedMedian(**_common(cfg)),
-    "trimmedavg": lambda cfg: FedTrimmedAvg(**_common(cfg), beta=cfg.strategy.trim_beta),
-    "krum": lambda cfg: Krum(**_common(cfg), num_malicious_nodes=cfg.strategy.krum_f),
+_RULES: dict[str, Callable[[RunConfig], Rule]] = {
+    "fedavg": lambda cfg: Rule("fedavg", rules.fedavg),
+    "fedprox": lambda cfg: Rule("fedprox", rules.fedavg, train_config={"proximal-mu": cfg.strategy.proximal_mu}),
+    "fedadam": lambda cfg: Rule("fedadam", rules.fedavg,
+                                partial(rules.adam_step, eta=cfg.strategy.eta, tau=cfg.strategy.tau)),
+    "fedyogi": lambda cfg: Rule("fedyogi", rules.fedavg,
+                                partial(rules.yogi_step, eta=cfg.strategy.eta, tau=cfg.strategy.tau)),
+    "qfedavg": lambda cfg: Rule("qfedavg", partial(rules.qfedavg, q=cfg.strategy.q, client_lr=cfg.train.lr)),
+    "fedmedian": lambda cfg: Rule("fedmedian", rules.median),
+    "trimmedavg": lambda cfg: Rule("trimmedavg", partial(rules.trimmed_mean, beta=cfg.strategy.trim_beta)),
+    "krum": lambda cfg: Rule("krum", partial(rules.krum, f=cfg.strategy.krum_f)),
 }
 
 
 def strategy_names() -> list[str]:
-    return list(_BUILDERS)
+    return list(_RULES)
 
 
 def check_strategy_config(cfg: RunConfig, task: Task) -> None:
     """Raise ConfigError for an unknown name, an out-of-range parameter or a
     combination that makes no sense."""
     s = cfg.strategy
-    if s.name not in _BUILDERS:
+    if s.name not in _RULES:
         raise ConfigError(f"unknown strategy '{s.name}'; choose one of: {', '.join(strategy_names())}")
     n_sites = task.fixed_sites or cfg.sites
     if s.name in ("fedadam", "fedyogi") and s.eta <= 0:
@@ -109,11 +96,10 @@ def check_strategy_config(cfg: RunConfig, task: Task) -> None:
     check_secagg_config(cfg, n_sites)
 
 
-def build_strategy(cfg: RunConfig, task: Task) -> LoraAwareStrategy:
-    """The run's strategy: Flower's rule by ``cfg.strategy.name``, LoRA-aware per
-    ``cfg.lora.aggregation`` (see module docstring)."""
+def build_strategy(cfg: RunConfig, task: Task) -> Strategy:
+    """The run's strategy: the rule by ``cfg.strategy.name``, LoRA-aware per
+    ``cfg.lora.aggregation``, with client-level DP under ``dp.level=client``."""
     check_strategy_config(cfg, task)
-    base = _BUILDERS[cfg.strategy.name](cfg)
-    return LoraAwareStrategy(base, lora_mode=cfg.lora.aggregation,
-                             rank=cfg.lora.r if task.uses_lora else None,
-                             rank_scale=rank_scale(cfg) if task.uses_lora else None)
+    lora = LoraPlan(cfg.lora.aggregation, cfg.lora.r, rank_scale(cfg)) if task.uses_lora else LoraPlan()
+    return Strategy(_RULES[cfg.strategy.name](cfg), lora,
+                    client_dp_of(cfg) if cfg.dp.level == "client" else None)

@@ -285,53 +285,26 @@ def test_lora_adapter_trains_under_dp_two_rounds_same_model(tmp_path):
 
 
 # ------------------------------------------------------------------ client-level DP
-class NodesGrid:
-    """Lists node ids for ``configure_train``; nothing is sent through it."""
+def _client_dp_round(strategy, global_state, site_states, nums, rnd=1, server_state=None):
+    """The round loop's call: ``aggregate`` on the accepted updates -> (new state, Aggregate)."""
+    from fedcare.schemas import SiteUpdate
+    from fedcare.strategies.aggregate import ServerState, aggregate
 
-    def __init__(self, node_ids):
-        self._ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self._ids)
-
-
-@pytest.fixture
-def serverapp_identity():
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-def _client_dp_round(strategy, global_state, site_states, nums, rnd=1):
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-
-    from fedcare.records import from_array_record, to_array_record
-    from fedcare.schemas import ARRAYS, METRICS, NUM_EXAMPLES, TRAIN_LOSS
-
-    grid = NodesGrid(range(101, 101 + len(site_states)))
-    instructions = sorted(strategy.configure_train(rnd, to_array_record(global_state), ConfigRecord(), grid),
-                          key=lambda m: m.metadata.dst_node_id)
-    replies = [Message(RecordDict({ARRAYS: to_array_record(s),
-                                   METRICS: MetricRecord({NUM_EXAMPLES: n, TRAIN_LOSS: 0.5})}), reply_to=ins)
-               for ins, s, n in zip(instructions, site_states, nums)]
-    arrays, _ = strategy.aggregate_train(rnd, replies)
-    return dict(from_array_record(arrays)), replies
+    updates = [SiteUpdate(node_id=101 + i, site=f"site-{i}", status="ok", arrays=s, num_examples=n, train_loss=0.5)
+               for i, (s, n) in enumerate(zip(site_states, nums))]
+    result = aggregate(strategy, updates, global_state, rnd, server_state or ServerState())
+    return result.state, result
 
 
 def _client_dp_strategy(**sets):
-    from fedcare.strategies.client_dp import wrap_client_dp
     from fedcare.strategies.registry import build_strategy
 
     cfg = RunConfig.from_flat({"task": "heart-disease", "dp.level": "client", "dp.max_grad_norm": 1.0,
                                "dp.accountant": "rdp", "strategy.min_sites": 1, **sets}).validate()
-    return wrap_client_dp(build_strategy(cfg, HeartDiseaseTask()), cfg, 4), cfg
+    return build_strategy(cfg, HeartDiseaseTask()), cfg
 
 
-def test_client_dp_clips_each_site_and_weights_sites_equally(serverapp_identity):
+def test_client_dp_clips_each_site_and_weights_sites_equally():
     strategy, _ = _client_dp_strategy(**{"dp.noise_multiplier": 1e-9})
     rng = np.random.default_rng(0)
     g = {"weight": rng.normal(size=(1, 13)).astype(np.float32), "bias": np.zeros(1, np.float32)}
@@ -348,15 +321,17 @@ def test_client_dp_clips_each_site_and_weights_sites_equally(serverapp_identity)
         np.testing.assert_allclose(new[k], expected[k], atol=1e-5)
 
 
-def test_client_dp_noise_and_client_epsilon(serverapp_identity):
+def test_client_dp_noise_and_client_epsilon():
     from fedcare.strategies.client_dp import client_level_epsilon
 
     strategy, cfg = _client_dp_strategy(**{"dp.noise_multiplier": 2.0, "dp.delta": 1e-3})
     g = {"weight": np.zeros((1, 100_000), np.float32), "bias": np.zeros(1, np.float32)}
+    server_state = None
     for rnd, m in ((1, 4), (2, 3)):                       # round 2: one site refused
-        new, _ = _client_dp_round(strategy, g, [g] * m, nums=[10] * m, rnd=rnd)
+        new, result = _client_dp_round(strategy, g, [g] * m, nums=[10] * m, rnd=rnd, server_state=server_state)
+        server_state = result.server_state
         assert np.std(new["weight"]) == pytest.approx(2.0 * 1.0 / m, rel=0.02)   # z C / m
-        eps = strategy.last_diagnostics["client_epsilon"]
+        eps = result.diagnostics["client_epsilon"]
         assert eps == pytest.approx(client_level_epsilon(2.0, rnd, 1.0, 1e-3, "rdp"))
     assert eps > client_level_epsilon(2.0, 1, 1.0, 1e-3, "rdp") > 0
 
