@@ -211,7 +211,18 @@ def describe(folder: str | Path) -> Description:
     def bad(msg: str, key: str) -> DataError:
         return DataError(f"{path}: {msg}", problem=SiteProblem("description", DESCRIPTION, key=key))
 
+    try:
+        return _described(path, raw, bad)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:    # e.g. test_fraction = "a fifth"
+        raise DataError(f"{path}: a value has the wrong type ({exc}); docs/data.md shows what each key takes",
+                        problem=SiteProblem("description", DESCRIPTION)) from None
+
+
+def _described(path: Path, raw: dict, bad) -> Description:
     check_schema(raw, bad)
+    for key in ("files", "labels", "missing"):
+        if not isinstance(raw.get(key, []), list):
+            raise bad(f"{key} must be a list, e.g. {key} = [\"...\"]", key)
     family, fmt = str(raw.get("family", "")), str(raw.get("format", "")).lower()
     if family not in FAMILIES:
         raise bad(f"family must be one of {', '.join(FAMILIES)}, got {family!r}", "family")

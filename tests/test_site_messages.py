@@ -82,6 +82,18 @@ def test_unknown_keys_in_dataset_toml_are_refused_with_the_closest_key(tmp_path,
         describe(folder)
 
 
+@pytest.mark.parametrize("line, says", [
+    ('[split]\ntest_fraction = "a fifth"\n', "a value has the wrong type"),
+    ('[window]\ncenter = "soft tissue"\nwidth = 400\n', "a value has the wrong type"),
+    ('labels = "no,yes"\n', "labels must be a list"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path, line, says):
+    folder = write_toml(tmp_path, 'dataset_id = "x"\nfamily = "tabular"\nformat = "csv"\nfiles = ["r.csv"]\n' + line)
+    (folder / "r.csv").write_text("age,sex,label\n40,f,no\n")
+    with pytest.raises(DataError, match=says):
+        describe(folder)
+
+
 def test_a_run_without_labels_is_an_image_run(tmp_path):
     folder = breast_png(tmp_path / "png", n=8)
     with pytest.raises(ConfigError, match="an image run needs data.labels"):
