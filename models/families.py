@@ -234,8 +234,9 @@ def prepare_image(desc: Description, contract: Contract, site_id: str = "", head
     if headers or decode_all:
         for i, p in enumerate(paths):
             problem = SiteProblem("bad-dicom" if desc.format == "dicom" else "bad-image", names[i])
-            h = read_header(p, desc.format, table.where(i), problem)
-            check_colour(h, desc.colour, p, table.where(i), problem)
+            where = table.where(i)
+            h = read_header(p, desc.format, where, problem)
+            check_colour(h, desc.colour, p, where, problem)
             sizes.append((h.width, h.height))
             if decode_all:
                 d = decode(p, desc.format, desc.colour, desc.window, problem)

@@ -328,6 +328,7 @@ class Table:
     row: np.ndarray       # 1-based row (record) within its file
     names: tuple[str, ...]
     folder: Path | None = None    # where ``names`` are (to find a CSV record's line)
+    _starts: dict[str, list[int]] = field(default_factory=dict, repr=False)   # file -> line of each record
 
     def __len__(self) -> int:
         return len(self.file)
@@ -339,7 +340,9 @@ class Table:
         name, row = self.names[self.file[i]], int(self.row[i])
         if row == 0 or self.folder is None or not name.endswith((".csv", ".jsonl")):
             return row
-        starts = _record_lines(self.folder / name, name.endswith(".csv"))
+        if name not in self._starts:    # read once per file, when a message first needs it
+            self._starts[name] = _record_lines(self.folder / name, name.endswith(".csv"))
+        starts = self._starts[name]
         return starts[row - 1] if row - 1 < len(starts) else row
 
     def where(self, i: int) -> str:
