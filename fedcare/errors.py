@@ -37,7 +37,7 @@ KINDS = {
 }
 #: a name that may leave the site: relative, no "..", plain characters, short
 _SAFE = re.compile(r"[\w][\w .+=@#%,-]{0,119}(/[\w][\w .+=@#%,-]{0,119}){0,7}")
-_ABSOLUTE = re.compile(r"(?<![\w.])(/|~/|[A-Za-z]:\\)[^\s:;,()'\"]*")
+_ABSOLUTE = re.compile(r"(?<![\w.])(~?/[^\s:;,()'\"]+|[A-Za-z]:\\[^\s:;,()'\"]*)")
 
 
 @dataclass(frozen=True)

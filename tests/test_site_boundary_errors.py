@@ -161,6 +161,15 @@ def test_a_planted_token_in_any_bad_record_never_reaches_the_coordinator(tmp_pat
         assert TOKEN in audit, site
 
 
+def test_a_policy_or_privacy_refusal_keeps_its_words_but_no_path():
+    from fedcare.errors import PolicyRefusal, PrivacyError
+
+    assert public_reason(PrivacyError("cannot open privacy ledger /srv/h/ledger.db: locked\nmore")) == \
+        "cannot open privacy ledger (path withheld): locked"
+    assert public_reason(PolicyRefusal("site policy refuses the run: dp.epsilon 8 / 10 > 1/N")) == \
+        "site policy refuses the run: dp.epsilon 8 / 10 > 1/N"
+
+
 def test_a_problem_survives_pickling_as_a_dataloader_worker_sends_it():
     import pickle
 
