@@ -185,7 +185,7 @@ def test_an_unexpected_error_at_a_site_leaves_as_a_fixed_sentence():
     assert all(public_reason(DataError("x", problem=SiteProblem(k))).startswith(f"site refused ({k})") for k in KINDS)
 
 
-def test_a_handler_that_raises_replies_with_a_refusal_and_audits_it(tmp_path):
+def test_a_handler_that_raises_replies_with_a_refusal_and_audits_it(tmp_path, identity):
     """A message without the global model makes the train handler raise: the reply is a
     refusal with the fixed sentence, the site's audit log has the exception."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
