@@ -52,13 +52,16 @@ class LocalCluster:
                         found.append(int(entry))
         return found
 
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+    def stop(self, grace: float = 3.0, timeout: float = 15.0) -> None:
+        """SIGTERM to every process of the cluster, SIGKILL to what is left after
+        ``grace`` seconds, then wait (up to ``timeout``) until none is left."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
             for pgid in self.groups:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, sig)
-            if sig == signal.SIGTERM:
-                time.sleep(3)
+            deadline = time.time() + wait
+            while self.pids() and time.time() < deadline:
+                time.sleep(0.2)
 
 
 def _ray_start(*args: str) -> int:
