@@ -53,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
     policy = _policy(site)
     evaluation = None
     try:
-        split = site.split()
+        split = _own_split(site, policy)
         _admit(site, policy, len(split.train))
         faults.before_training(site.cfg.faults, site.site_id, site.cfg.strategy.round_timeout)
         model = site.model()
@@ -122,7 +122,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rnd = int(msg.content[S.CONFIG].get("server-round", 0))
     policy = _policy(site)
     try:
-        split = site.split()
+        split = _own_split(site, policy)
         _admit(site, policy, len(split.train))
     except FedcareError as err:
         return _refuse(msg, site, policy, rnd, "evaluate", err)
@@ -268,6 +268,13 @@ def _admit(site: Site, policy, num_train: int) -> None:
                             "a deployed site refuses it")
     if policy is not None:
         policy.check(site.cfg, app_identity(), num_train)
+
+
+def _own_split(site: Site, policy):
+    """The site's split, read only for a run whose data contract the policy allows."""
+    if policy is not None:
+        policy.check_contract(site.cfg)
+    return site.split()
 
 
 def _policy(site: Site):

@@ -165,7 +165,8 @@ def start(
     per_message: bool = typer.Option(False, help="Let flwr start a fresh ClientApp process for every message "
                                                  "instead of the site's long-lived executor"),
     sets: list[str] = typer.Option([], "--set", help="With --task: the run's data contract to check --data against "
-                                                     "before joining, e.g. data.labels=a,b (a family task needs it)"),
+                                                     "before joining, e.g. data.labels=a,b (a family task needs it, "
+                                                     "here or in the policy's [contract]; it may only narrow that)"),
 ) -> None:
     """Join the federation: start this site's SuperNode (runs until Ctrl-C)."""
     from fedcare.server.deploy import SiteSpec, run_site

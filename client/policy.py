@@ -24,6 +24,12 @@ The policy is a TOML file owned by the site (never sent by the server)::
     [data]
     min_local_examples = 20      # refuse if the site has fewer training examples
 
+    [contract]                   # the data contract every run must carry (data.* keys; absent: any)
+    labels = ["no disease", "disease"]         # or "no disease,disease": exactly these, in order
+    features = ["age", "sex=f|m", "thalach"]   # a run may use these or fewer (same levels)
+    image_size = 64              # image_size, text_length, prompt_template: exactly these
+    # `fedcare site start --task T` checks the folder against it (--set may only narrow it)
+
     [code]
     allowed_tasks = ["heart-disease"]          # empty or absent: any task
     allowed_base_models = []                   # empty or absent: any base model
@@ -62,6 +68,7 @@ from fedcare.accounting import accounting_note, epsilon_of, gaussian_noise_lower
 from fedcare.compat import tomllib
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PolicyRefusal
+from fedcare.models.sitedata import Contract, parse_features
 
 _SECTIONS: dict[str, dict[str, type]] = {
     "privacy": {"epsilon_cap": float, "max_epsilon_per_run": float, "min_noise_multiplier": float,
@@ -71,6 +78,7 @@ _SECTIONS: dict[str, dict[str, type]] = {
     "limits": {"max_rounds_per_run": int, "max_local_steps": int, "max_batch_size": int,
                "max_task_seconds": float},
     "data": {"min_local_examples": int},
+    "contract": {f.name: str for f in fields(Contract)},   # parsed by _parse_contract
     "code": {"allowed_tasks": list, "allowed_base_models": list,
              "allowed_fedcare_versions": list, "allowed_fab_hashes": list},
     "evaluation": {"send_group_counts": bool, "min_group_size": int, "release": str,
@@ -110,6 +118,7 @@ class SitePolicy:
     max_evaluations_per_run: int = 10
     min_cell_size: int = 10
     evaluate_only_known_models: bool = True
+    contract: tuple[tuple[str, str], ...] = ()   # [contract]: (data key, value as --set takes it)
 
     # ------------------------------------------------------------------- loading
     @classmethod
@@ -132,6 +141,7 @@ class SitePolicy:
         def refuse(reason: str) -> None:
             raise PolicyRefusal(f"site policy refuses the run: {reason}")
 
+        self.check_contract(cfg)
         if self.allowed_tasks and cfg.task not in self.allowed_tasks:
             refuse(f"task '{cfg.task}' is not in allowed_tasks {list(self.allowed_tasks)}")
         base = base_model_of(cfg)
@@ -166,6 +176,24 @@ class SitePolicy:
             refuse("secure aggregation is required (secagg.enabled=true); the run sends updates in the clear")
         if level == "sample":
             self._check_sample_dp(cfg, num_local_examples, refuse)
+
+    def check_contract(self, cfg: RunConfig) -> None:
+        """Raise ``PolicyRefusal`` if the run's data contract is not the site's
+        ([contract]): a coordinator cannot relabel classes or read other columns."""
+        reason = contract_conflict(self.contract, cfg)
+        if reason:
+            raise PolicyRefusal(f"site policy refuses the run: its data contract differs from the site's "
+                                f"[contract]: {reason}")
+
+    def contract_sets(self, sets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+        """``site start``: the contract to check the folder against, as --set items: the
+        policy's [contract], narrowed by ``sets``; a --set that widens or changes it is a
+        ``ConfigError``."""
+        merged = tuple(f"data.{key}={value}" for key, value in self.contract) + tuple(sets)
+        reason = contract_conflict(self.contract, RunConfig().apply_sets(list(merged)))
+        if reason:
+            raise ConfigError(f"--set disagrees with the site policy {self.path} [contract]: {reason}")
+        return merged
 
     def _check_limits(self, cfg: RunConfig, refuse) -> None:
         for value, limit, name, key in ((cfg.rounds, self.max_rounds_per_run, "rounds", "max_rounds_per_run"),
@@ -228,6 +256,9 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
         if section not in _SECTIONS or not isinstance(value, Mapping):
             raise ConfigError(f"site policy {path}: unknown section [{section}]; "
                               f"use {', '.join(f'[{s}]' for s in _SECTIONS)}")
+        if section == "contract":
+            out["contract"] = _parse_contract(value, path)
+            continue
         for key, raw in value.items():
             typ = _SECTIONS[section].get(key)
             if typ is None or key not in known:
@@ -249,6 +280,52 @@ def _parse(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
     if out.get("release", "noised") not in ("noised", "exact", "none"):
         raise ConfigError(f"site policy {path}: evaluation.release must be noised, exact or none")
     return out
+
+
+def _parse_contract(section: Mapping[str, Any], path: Path) -> tuple[tuple[str, str], ...]:
+    """[contract] as (key, value) pairs in --set's form; labels and features may be a
+    list of strings or one comma-separated string."""
+    out = []
+    for key, raw in section.items():
+        if key not in _SECTIONS["contract"]:
+            raise ConfigError(f"site policy {path}: unknown key '{key}' in [contract]; "
+                              f"known: {', '.join(_SECTIONS['contract'])}")
+        typ = int if key in ("image_size", "text_length") else str
+        if key in ("labels", "features") and isinstance(raw, list):
+            raw = ",".join(_coerce(path, f"contract.{key}", raw, list))
+        value = _coerce(path, f"contract.{key}", raw, typ)
+        if typ is int and value < 1:
+            raise ConfigError(f"site policy {path}: contract.{key} must be at least 1")
+        out.append((key, str(value)))
+    try:
+        Contract.from_config(RunConfig().apply_sets([f"data.{k}={v}" for k, v in out]))
+    except ConfigError as err:
+        raise ConfigError(f"site policy {path}: [contract]: {err}") from None
+    return tuple(out)
+
+
+def contract_conflict(contract: tuple[tuple[str, str], ...], cfg: RunConfig) -> str:
+    """Why the run's data.* differs from a site's [contract] ('' if it does not): labels,
+    image_size, text_length and prompt_template exactly; features the same or fewer,
+    each with the same levels."""
+    effective = Contract.from_config(cfg) if contract else None   # image_size 0: the family's default
+    for key, want in contract:
+        have = str(getattr(cfg.data, key) if key in ("labels", "features") else getattr(effective, key))
+        if key == "labels":
+            same = _names(have) == _names(want)
+        elif key == "features":
+            allowed = {f.name: f for f in parse_features(want)}
+            same = bool(have.strip()) and all(allowed.get(f.name) == f for f in parse_features(have))
+        else:
+            same = have == want
+        if not same:
+            return f"data.{key} is '{have}', the site's contract says '{want}'" + \
+                (" (or fewer of them)" if key == "features" else "")
+    return ""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def _coerce(path: Path, key: str, raw: Any, typ: type) -> Any:

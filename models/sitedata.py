@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import csv
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcare.compat import tomllib
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, DataError, SiteProblem
 

@@ -664,6 +664,10 @@ def run_site(spec: SiteSpec, superlink: str, root_cert: Path, workdir: Path, *,
     refused or stops."""
     check_site(spec, root_cert)
     if task and spec.data_path:
+        if spec.policy is not None:   # the policy's [contract], which --set may only narrow
+            from fedcare.client.policy import SitePolicy
+
+            contract = SitePolicy.load(spec.policy).contract_sets(contract)
         n = check_site_data(task, spec.data_path, spec.site_id, contract)
         echo(f"{spec.data_path}: {n} training examples for task {task}")
     check_superlink_reachable(superlink, root_cert)
