@@ -194,11 +194,12 @@ class Federation:
                   fraction: float) -> list[Message]:
         """One ``kind`` message per site, in node order, all carrying ``arrays`` and
         ``config`` with the round number: every connected site, or a random ``fraction``
-        of them (at least ``strategy.min_sites``)."""
+        of them (at least ``strategy.min_sites``), drawn from the run's seed, the round and
+        ``kind``: a repeated or resumed run samples the same sites."""
         nodes = sorted(self.grid.get_node_ids())
         size = max(int(len(nodes) * fraction), self.cfg.strategy.min_sites)
         if size < len(nodes):
-            nodes = sorted(random.sample(nodes, size))
+            nodes = sorted(random.Random(f"{self.cfg.seed}/{rnd}/{kind}").sample(nodes, size))
         config[S.SERVER_ROUND] = rnd
         content = RecordDict({S.ARRAYS: to_array_record(arrays), S.CONFIG: config})
         return [Message(content=content, message_type=kind, dst_node_id=node) for node in nodes]

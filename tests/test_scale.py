@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
+from flwr.app import ConfigRecord
+from typer.testing import CliRunner
 
 from e2e import fedcare, simulate
-from typer.testing import CliRunner
 
 from fedcare.cli import app
 from fedcare.config import RunConfig
@@ -21,7 +22,7 @@ from fedcare.flower import RaySetup, ray_setup
 from fedcare.launch import resolve_config
 from fedcare.models.heart_virtual import HeartDiseaseVirtualTask
 from fedcare.schemas import ACCEPTED, Evaluation, RoundRecord, SiteRound
-from fedcare.server.federation import run_federation
+from fedcare.server.federation import Federation, run_federation
 from fedcare.server.local_grid import InProcessGrid
 from fedcare.server.report import build_report
 from fedcare.server.store import Store
@@ -104,6 +105,20 @@ def test_a_tenth_of_two_hundred_sites_trains_and_evaluates_each_round(tmp_path):
         evaluated = [{e["scope"] for e in store.evaluations(run_id, n)} - {"global"} for n in (1, 2)]
     assert [r["num_sites"] for r in rounds] == [10, 10] and all(r["num_accepted"] == 10 for r in rounds)
     assert trained[0] != trained[1] and all(len(e) == 10 for e in evaluated)
+
+
+def test_the_sites_sampled_each_round_follow_the_run_seed(tmp_path):
+    """--seed covers sampling: the same seed and round pick the same sites (a resumed or
+    repeated run trains the same hospitals), another round or seed others."""
+    def sampled(seed: int, rnd: int) -> list[int]:
+        cfg = resolve_config("heart-disease-virtual", ["strategy.fraction_train=0.1"], sites=100, rounds=2, seed=seed)
+        with Store(f"sqlite:///{tmp_path}/{seed}.db") as store:
+            fed = Federation(InProcessGrid(cfg, 100), cfg, store, "unused")
+            return [m.metadata.dst_node_id for m in fed._messages("train", rnd, {}, ConfigRecord(), 0.1)]
+
+    first = sampled(7, 1)
+    assert len(first) == 10 and sampled(7, 1) == first
+    assert sampled(7, 2) != first and sampled(8, 1) != first
 
 
 def test_ray_options_are_checked_before_anything_starts(monkeypatch):
