@@ -131,7 +131,8 @@ def metric_names(engine: sa.Engine, run_id: str, kind: str = FEDERATED) -> list[
 
 
 def evaluation_kinds(engine: sa.Engine, run_id: str) -> list[str]:
-    stmt = sa.select(EvaluationRow.kind).where(EvaluationRow.run_id == run_id, EvaluationRow.kind != AUDIT).distinct()
+    stmt = sa.select(EvaluationRow.kind).where(EvaluationRow.run_id == run_id, EvaluationRow.kind != AUDIT,
+                                               _not_benefit()).distinct()
     with engine.connect() as conn:
         return sorted(conn.execute(stmt).scalars())
 
@@ -170,9 +171,10 @@ def train_loss(engine: sa.Engine, run_id: str, max_points: int = 100) -> pd.Data
 
 
 def final_site_metrics(engine: sa.Engine, run_id: str, metric: str) -> pd.DataFrame:
-    """``metric`` of every scope and kind at the latest evaluated round: scope, kind, round, value."""
+    """``metric`` of every scope and kind at the latest evaluated round: scope, kind, round,
+    value (the benefit records, which repeat these numbers with intervals, left out)."""
     last = (sa.select(EvaluationRow.kind, sa.func.max(EvaluationRow.round).label("last"))
-            .where(EvaluationRow.run_id == run_id).group_by(EvaluationRow.kind).subquery())
+            .where(EvaluationRow.run_id == run_id, _not_benefit()).group_by(EvaluationRow.kind).subquery())
     stmt = (sa.select(EvaluationRow.scope, EvaluationRow.kind, EvaluationRow.round,
                       EvaluationRow.metrics[metric].as_float().label("value"), EvaluationRow.num_examples)
             .join(last, sa.and_(last.c.kind == EvaluationRow.kind, last.c.last == EvaluationRow.round))
@@ -435,6 +437,10 @@ def state_rounds(engine: sa.Engine, run_id: str) -> list[int]:
 
 
 # ------------------------------------------------------------------- benefit
+def _not_benefit():
+    return sa.not_(EvaluationRow.kind.like(f"{BENEFIT}:%"))
+
+
 def budget_label(budget: float | None) -> str:
     """A site's epsilon budget as shown: 0 (or none) means no cap, not a cap of 0."""
     return "no cap" if not budget else f"{budget:g}"
