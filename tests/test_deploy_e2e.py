@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -88,40 +89,56 @@ class Federation:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, 9)
-        for node in self.nodes.values():
-            node.stop()
-        for executor in self.executors.values():
-            executor.stop()
+        # the sites at once (each may take its grace period to go), then the SuperLink
+        with ThreadPoolExecutor(max(1, len(self.nodes) + len(self.executors))) as pool:
+            list(pool.map(lambda managed: managed.stop(), [*self.nodes.values(), *self.executors.values()]))
         if getattr(self, "link", None):
             self.link.stop()
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory):
-    if not (ROOT / "data" / "heart-disease" / CENTRES["va"]).exists():
+def start_federation(root: Path, policies: dict[str, str | None], per_message: tuple[str, ...] = (),
+                     warm_task: str | None = None) -> Federation:
+    """A TLS SuperLink and one authenticated SuperNode per site in ``policies`` (site ->
+    policy text or None); sites in ``per_message`` keep flwr's per-message ClientApp
+    process, the others run fedcare's executor (with ``warm_task``'s model and the site's
+    data loaded before the first message). The caller closes it."""
+    if not all((ROOT / "data" / "heart-disease" / CENTRES[s]).exists() for s in policies):
         pytest.fail("bundled heart-disease data missing")
-    f = Federation(tmp_path_factory.mktemp("deploy"))
+    f = Federation(root)
     try:
         f.port = free_port()
         f.address = f"127.0.0.1:{f.port}"
         f.link = start_superlink(TlsFiles.from_dir(f.root / "tls"), f.root / "state" / "superlink.db",
                                  f.root / "logs", port=f.port, flwr_home=f.flwr_home)
         write_connection(f.flwr_home, f.address, f.tls.ca_cert)
-        f.sites = {
-            "cleveland": f.site_spec("cleveland"),
-            "hungarian": f.site_spec("hungarian"),
-            # the VA hospital only takes part in differentially private runs
-            "va": f.site_spec("va", "[privacy]\nrequire_dp = true\n[data]\nmin_local_examples = 20\n"),
-        }
+        f.sites = {site: f.site_spec(site, policy) for site, policy in policies.items()}
         for spec in f.sites.values():
             assert register_site(Path(f"{spec.node_key}.pub"), f.flwr_home) > 0
-        for name, spec in f.sites.items():  # hungarian keeps flwr's per-message ClientApp process
-            f.nodes[name], executor = start_site(spec, f.address, f.tls.ca_cert, f.root / "logs",
-                                                 executor=name != "hungarian", flwr_home=f.flwr_home)
+        with ThreadPoolExecutor(len(f.sites)) as pool:   # the sites start at once
+            started = dict(zip(f.sites, pool.map(
+                lambda name: start_site(f.sites[name], f.address, f.tls.ca_cert, f.root / "logs",
+                                        executor=name not in per_message, flwr_home=f.flwr_home,
+                                        warm_task=warm_task), f.sites)))
+        for name, (f.nodes[name], executor) in started.items():
             if executor is not None:
                 f.executors[name] = executor
         ids = {name: wait_joined(node, 120) for name, node in f.nodes.items()}
-        assert len(set(ids.values())) == 3
+        assert len(set(ids.values())) == len(policies)
+        return f
+    except BaseException:
+        f.close()
+        raise
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    # the VA hospital only takes part in differentially private runs;
+    # hungarian keeps flwr's per-message ClientApp process
+    f = start_federation(tmp_path_factory.mktemp("deploy"),
+                         {"cleveland": None, "hungarian": None,
+                          "va": "[privacy]\nrequire_dp = true\n[data]\nmin_local_examples = 20\n"},
+                         per_message=("hungarian",))
+    try:
         yield f
     finally:
         f.close()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from e2e import simulate
-from test_deploy_e2e import FAST, fed  # noqa: F401  (the deployed federation fixture, started for this module)
+from test_deploy_e2e import FAST, start_federation
 
 pytestmark = pytest.mark.e2e
 
@@ -31,13 +31,25 @@ def test_heart_disease_secure_aggregation_with_distributed_dp_and_a_crashed_site
     assert rep["rounds"][0]["metrics"]["secagg_epsilon"] < rep["rounds"][1]["metrics"]["secagg_epsilon"]
 
 
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """Its own small federation: every site in fedcare's warm executor (flwr's per-message
+    ClientApp process would start a process for each of a secure round's 5 messages per
+    site); VA's policy requires secure aggregation."""
+    f = start_federation(tmp_path_factory.mktemp("secagg-deploy"),
+                         {"cleveland": None, "hungarian": None,
+                          "va": "[privacy]\nrequire_secure_aggregation = true\n"}, warm_task="heart-disease")
+    try:
+        yield f
+    finally:
+        f.close()
+
+
 def test_deployed_hospitals_aggregate_securely_over_tls(fed):
-    """Real SuperLink with TLS and authenticated SuperNodes (tests/test_deploy_e2e.py's
-    federation: cleveland and va in fedcare's executor, hungarian in flwr's per-message
-    ClientApp process): the protocol's state survives between messages at every site.
-    VA's policy requires DP-SGD, so the run asks for it as well."""
+    """Real SuperLink with TLS and authenticated SuperNodes: the protocol's state survives
+    between messages at every site. One round, one local step."""
     out = fed.fedcare("server", "run", "--task", "heart-disease", "--rounds", "1", "--quiet", *FAST,
-                      "--set", "secagg.enabled=true", "--set", "dp.epsilon=8")
+                      "--set", "train.local_steps=1", "--set", "secagg.enabled=true")
     assert out.returncode == 0, out.stdout + out.stderr
     rep = fed.report(out.stdout.split()[1].rstrip(":"))
     m, sites = rep["rounds"][0]["metrics"], rep["rounds"][0]["sites"]
