@@ -26,7 +26,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fedcare.errors import StoreError
-from fedcare.models.state import state_sha256  # noqa: F401 - the store hashes what it keeps
 from fedcare.server.engine import make_engine, parse_url
 from fedcare.schemas import ACCEPTED, FAILED, REFUSED, REJECTED, RUN_STATUSES, RoundRecord
 
@@ -350,7 +349,7 @@ class Store:
             _insert_evaluations(s, run_id, record.round, record.evaluations)
             if record.global_state is not None:
                 state = {k: np.asarray(v) for k, v in record.global_state.items()}
-                s.add(GlobalState(run_id=run_id, round=record.round, sha256=state_sha256(state),
+                s.add(GlobalState(run_id=run_id, round=record.round, sha256=_sha256(state),
                                   nbytes=int(sum(v.nbytes for v in state.values())),
                                   data=encode_state(state)))
 
@@ -382,7 +381,7 @@ class Store:
             if row is None:
                 return None
             state = decode_state(row.data)
-            if state_sha256(state) != row.sha256:
+            if _sha256(state) != row.sha256:
                 raise StoreError(f"global state of run '{run_id}' round {row.round} is corrupted "
                                  f"(content hash mismatch) in {self.display_url}")
             return state
@@ -468,6 +467,14 @@ class Store:
         except (exc.IntegrityError, exc.OperationalError) as e:
             s.rollback()
             raise StoreError(f"cannot {what} in {self.display_url}: {_one_line(e)}") from None
+
+
+def _sha256(state: dict[str, np.ndarray]) -> str:
+    # Imported here: fedcare.models.state imports PyTorch (seconds), and reading a run
+    # (`fedcare report`, the dashboard) never hashes a state; only writing one does.
+    from fedcare.models.state import state_sha256
+
+    return state_sha256(state)
 
 
 def _site_round_row(run_id: str, rnd: int, x) -> dict:

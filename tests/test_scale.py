@@ -4,6 +4,8 @@ sampled per round, and the Ray options of `fedcare simulate` are checked before
 anything starts (the GPU path runs where a GPU is)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -72,6 +74,14 @@ def test_the_report_of_a_thousand_sites_names_the_worst_instead_of_listing_them(
     out = CliRunner().invoke(app, ["report", run_id, "--db", url]).output
     assert "1000 sites evaluated in round 1: accuracy min 0.0000" in out and "worst sites: site-0 (0.0000)" in out
     assert len(out.splitlines()) < 10
+
+
+def test_reading_a_run_does_not_import_pytorch():
+    """`fedcare report` and the dashboard read the store: importing PyTorch (seconds on a
+    loaded machine) is for writing a global state, not for reading a run."""
+    code = "import sys, fedcare.server.report, fedcare.server.queries; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_a_virtual_site_is_made_alone_the_same_each_time_with_its_own_label_mix():

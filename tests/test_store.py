@@ -13,10 +13,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from fedcare.errors import StoreError
+from fedcare.models.state import state_sha256
 from fedcare.schemas import ACCEPTED, PRIVACY_KEYS, REFUSED, REJECTED, Evaluation, RoundRecord, SiteRound
 from fedcare.server import migrations
 from fedcare.server.report import build_report, list_runs
-from fedcare.server.store import Base, Store, default_db_url, state_sha256
+from fedcare.server.store import Base, Store, default_db_url
 
 CONFIG = {"task": "heart-disease", "rounds": 3, "sites": 3, "seed": 42,
           "dp": {"level": "sample", "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 0.0}}
