@@ -318,10 +318,13 @@ def _load_global(site: Site, model, msg: Message, context: Context, personal: bo
 
         state = state_for_site_rank(state, site.lora_rank, site.cfg)
     received = dict(state)
-    if personal:
-        local = _personal_state(context)
-        if local:
-            state.update(local)
+    local = _personal_state(context) if personal else None
+    if local:
+        state.update(local)
+    elif site.cfg.lora.personalize or site.cfg.personalize.method == "personal_head":
+        from .personalize import initial_personal   # the global model's own value of the part sites keep
+
+        state.update(initial_personal(site, context))
     set_trainable_state(model, state, strict=False)
     return received
 

@@ -48,13 +48,14 @@ from fedcare.models.fairness import suppressed_groups
 from fedcare.models.state import get_trainable_state, set_trainable_state
 from fedcare.models.training import predict_dataset
 from fedcare.records import from_array_record, to_array_record
+from fedcare.strategies.personal import personal_split
 
 from .ledger import SiteLedger
 from .policy import load_policy
 from .privacy import plan_round
 from .training import train_on_site
 
-DITTO, ALONE = "ditto", "alone"          # what the site keeps in its Flower context between messages
+DITTO, ALONE, INITIAL = "ditto", "alone", "personal_initial"   # what the site keeps in its Flower context
 PERSONAL_ROUND_OFFSET = 1_000_000       # ledger rounds of personal steps (apart from the federated ones)
 ALONE_ROUND_OFFSET = 2_000_000
 
@@ -164,6 +165,20 @@ def _personal_scores(site, context, model, load, split, rnd: int, budget: float)
         return None
     load(True)
     return _predict(site, model, split)
+
+
+def initial_personal(site, context: Context) -> dict:
+    """The part the sites keep, as the federation's initial model holds it: what the global
+    model has there, since no site sends it. Loaded under the shared part when the global
+    model is evaluated (not a site's own part left in the model) and before a site's first
+    training; computed once per site and kept in its context."""
+    kept = _kept(context, INITIAL)
+    if kept is None:
+        state = get_trainable_state(_initial_model(site))
+        _, keys = personal_split(state, site.cfg)
+        kept = {k: state[k] for k in keys}
+        _keep(context, INITIAL, kept)
+    return kept
 
 
 def _predict(site, model, split) -> np.ndarray:

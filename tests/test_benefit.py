@@ -58,6 +58,12 @@ def test_each_personal_model_trains_and_only_its_metrics_leave(method, identity,
     assert "alone" in kept
     if method == "personal_head":     # the output bias is the site's own; the weights travel
         assert set(sent) == {"weight"} and set(kept["personal"]) == {"bias"}
+        # the global model is evaluated with the global bias (the initial one), not the site's
+        from fedcare.client import app as client_app
+
+        again = client_app.evaluate(_message("evaluate", sent, cfg.rounds), context)
+        again = json.loads(again.content[S.SITE][S.BENEFIT_JSON])
+        assert again["global"]["loss"] != again["personal"]["loss"]
     else:
         assert set(sent) == set(glob)
     if method == "ditto":
