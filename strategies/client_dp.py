@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from fedcare.accounting import epsilon_of
+from fedcare.accounting import epsilon_of, noise_for_epsilon
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PrivacyError
 
@@ -49,21 +49,18 @@ def client_level_epsilon(noise_multiplier: float, rounds: int, sample_rate: floa
 
 def client_noise_multiplier(cfg: RunConfig, sample_rate: float = 1.0) -> float:
     """``dp.noise_multiplier``, or the one that makes ``cfg.rounds`` aggregations spend
-    ``dp.epsilon`` at ``dp.delta`` (client level)."""
+    ``dp.epsilon`` at ``dp.delta`` (client level), by the accountant's bounded search
+    (``accounting.noise_for_epsilon``: the PRV grid never outgrows its memory limit)."""
     dp = cfg.dp
     if dp.epsilon <= 0:
         if dp.noise_multiplier <= 0:
             raise PrivacyError("client-level DP: set dp.epsilon (a target for the run) or dp.noise_multiplier")
         return float(dp.noise_multiplier)
-    from opacus.accountants.utils import get_noise_multiplier   # heavy: only when calibrating to a target
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # Opacus' alpha-range and log(0) notes at rate 1
-            return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
-                                              sample_rate=sample_rate, steps=cfg.rounds,
-                                              accountant=dp.accountant,
-                                              epsilon_tolerance=min(0.01, dp.epsilon / 20)))
+            return float(noise_for_epsilon(dp.epsilon, dp.delta, sample_rate, cfg.rounds, dp.accountant,
+                                           tolerance=min(0.01, dp.epsilon / 20)))
     except (ValueError, OverflowError, FloatingPointError) as exc:
         raise PrivacyError(f"client-level dp.epsilon={dp.epsilon:g} at dp.delta={dp.delta:g} is impossible "
                            f"over {cfg.rounds} rounds ({exc}); raise dp.epsilon or lower rounds") from None
