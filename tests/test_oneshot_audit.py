@@ -52,3 +52,13 @@ def test_distributed_dp_at_epsilon_8_stays_below_8():
 def test_secure_aggregation_without_noise_is_caught_like_plain_fedavg():
     cfg = RunConfig.from_flat({"secagg.enabled": True, "secagg.clip": 1.0, "rounds": ROUNDS})
     assert run(O.secagg_path(cfg, REAL + CANARIES, DIM)).epsilon_low > 8
+
+
+def test_the_audits_ring_sum_is_what_the_masking_protocol_unmasks():
+    cfg = RunConfig.from_flat({"secagg.enabled": True, "secagg.epsilon": 8.0, "secagg.clip": 1.0,
+                               "secagg.min_sites_in_sum": 6})
+    updates = list(np.random.default_rng(1).standard_normal((6, 300)))
+    fast, protocol = (O.secagg_path(cfg, 6, 300, protocol=p)(updates, np.random.default_rng(2)) for p in (False, True))
+    assert np.array_equal(fast, protocol)
+    clipped = np.mean([u / np.linalg.norm(u) for u in updates], axis=0)
+    assert np.abs(fast - clipped).max() > 100 / (2 ** 15 - 1)   # Skellam noise, far above rounding
