@@ -120,23 +120,6 @@ class AuditConfig:
 
 
 @dataclass
-class SecAggConfig:
-    """Secure aggregation (fedcare/secagg.py): the coordinator sees only the sum of the
-    sites' clipped, quantized, masked updates; distributed DP when epsilon or
-    noise_multiplier is set (Skellam noise added at each site, delta = dp.delta)."""
-
-    enabled: bool = False
-    clip: float = 1.0              # L2 norm each site clips its update (new - received) to
-    bits: int = 16                 # quantization bits per coordinate
-    threshold: int = 0             # shares to unmask (0 = degree // 2 + 1)
-    degree: int = 0                # neighbours per site (0 = all up to 16 sites, else ~4 log2 n)
-    weight_cap: int = 1024         # a site's weight is min(examples, cap) (1 under distributed DP)
-    min_sites_in_sum: int = 0      # fewest sites a released sum may hold (>= strategy.min_sites)
-    epsilon: float = 0.0           # distributed DP target over the run (0 = noise_multiplier)
-    noise_multiplier: float = 0.0  # total noise std / L2 sensitivity (0 with epsilon 0: no DP)
-
-
-@dataclass
 class PersonalizeConfig:
     """Personalisation and the benefit of joining (client/personalize.py): each site keeps
     a personal model that never leaves it, and reports, on its own test split, the global
@@ -351,7 +334,6 @@ class RunConfig:
         personal = {"finetune": self.personal_steps * (self.rounds if p.every_round else 1),
                     "ditto": self.personal_steps * self.rounds}.get(p.method, 0)
         return federated + personal + (federated if p.alone else 0)
-
 
     @property
     def lora_site_ranks(self) -> list[int]:

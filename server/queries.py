@@ -10,7 +10,7 @@ JSON columns are extracted by the database (``json_extract`` on SQLite, ``->>`` 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import pandas as pd
 import sqlalchemy as sa

@@ -171,7 +171,6 @@ def _decode_results(metrics: Mapping[str, Any], info, update: S.SiteUpdate) -> N
         update.benefit = {m: _numbers(v, S.BENEFIT_JSON) for m, v in benefit.items()}
 
 
-
 def check_declared_arrays(record, expected: Mapping[str, tuple[tuple[int, ...], str]],
                           allow_lower_rank: bool = False) -> None:
     """Keys, declared shapes, dtypes and byte sizes of an ArrayRecord against the

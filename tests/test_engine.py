@@ -4,7 +4,6 @@ import re
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from fedcare.errors import StoreError
 from fedcare.server.engine import make_engine

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -5,7 +5,6 @@ import pandas as pd
 import streamlit as st
 
 from fedcare.dashboard import common, figures
-from fedcare.server import queries as q
 
 engine = common.engine_or_stop()
 run = common.selected_run(engine)
