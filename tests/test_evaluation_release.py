@@ -231,7 +231,7 @@ def test_planted_bug_last_evaluation_is_refused_with_an_audit_entry(tmp_path):
 
 
 def test_a_round_loop_with_one_noised_site_evaluates_it_and_weights_the_global_metrics(tmp_path):
-    """Through the real round loop: va (a policy file with the defaults) trains, then
+    """Through the real round loop: va (a policy file, evaluation epsilon 8) trains, then
     evaluates the round's aggregate under the mechanism; the global loss is the mean
     over the sites that send one, not diluted by va's examples."""
     from fedcare.server.federation import run_federation
@@ -247,7 +247,11 @@ def test_a_round_loop_with_one_noised_site_evaluates_it_and_weights_the_global_m
     for site in ("cleveland", "hungary", "switzerland", "va"):
         nc = {"site-id": site, "ledger": str(tmp_path / f"{site}.ledger.sqlite")}
         if site == "va":
-            (tmp_path / "va.policy.toml").write_text("[evaluation]\nmin_cell_size = 5\n")
+            # epsilon 8: the noised total of va's 45 test patients stays positive (at the default
+            # epsilon 1 its noise sd is ~30 counts, and a non-positive total releases no metric)
+            (tmp_path / "va.policy.toml").write_text(
+                "[evaluation]\nmin_cell_size = 5\nevaluation_epsilon = 8.0\n"
+                "max_evaluation_epsilon_per_run = 10.0\n")
             nc["policy"] = str(tmp_path / "va.policy.toml")
         configs.append(nc)
     run_id = run_federation(InProcessGrid(cfg, 4, node_configs=configs), cfg)
