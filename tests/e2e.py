@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedcare.certs import ServerMaterial, init_server
+from fedcare.flower import free_port
+from fedcare.server.deploy import Managed, TlsFiles, start_superlink, write_connection
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +46,18 @@ def superlinks_under(workdir: Path) -> list[int]:
         if any(h.startswith(str(workdir)) for h in homes):
             found.append(pid)
     return found
+
+
+def tls_superlink(root: Path) -> tuple[ServerMaterial, Managed, Path, int]:
+    """A SuperLink with a fresh CA and TLS on a free loopback port, FLWR_HOME under
+    ``root`` pointed at it: (tls, link, flwr_home, port). The caller stops the link."""
+    tls = init_server(root / "tls", ["localhost"], ["127.0.0.1"])
+    flwr_home, port = root / "flwr-home", free_port()
+    link = start_superlink(TlsFiles.from_dir(root / "tls"), root / "superlink.db", root / "logs",
+                           port=port, flwr_home=flwr_home)
+    try:
+        write_connection(flwr_home, f"127.0.0.1:{port}", tls.ca_cert)
+    except BaseException:
+        link.stop()
+        raise
+    return tls, link, flwr_home, port

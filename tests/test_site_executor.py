@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from e2e import tls_superlink
 from fedcare import schemas as S
-from fedcare.certs import create_site_keys, init_server
+from fedcare.certs import create_site_keys
 from fedcare.client.audit import AuditLog
 from fedcare.client.executor import handle
 from fedcare.config import RunConfig
 from fedcare.flower import free_port
 from fedcare.records import from_array_record, to_array_record
-from fedcare.server.deploy import (SiteSpec, TlsFiles, register_site, start_executor, start_site,
-                                   start_superlink, wait_joined, write_connection)
+from fedcare.server.deploy import SiteSpec, register_site, start_executor, start_site, wait_joined
 from fedcare.server.federation import initial_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,17 +63,12 @@ def test_a_malformed_message_gets_an_error_reply_and_the_next_one_trains(tmp_pat
 
 @pytest.mark.e2e
 def test_executor_answers_refusals_and_restarts_cleanly(tmp_path):
-    tls = init_server(tmp_path / "tls", ["localhost"], ["127.0.0.1"])
-    flwr_home, port = tmp_path / "flwr-home", free_port()
+    tls, link, flwr_home, port = tls_superlink(tmp_path)
     db = f"sqlite:///{tmp_path / 'store.db'}"
     env = {**os.environ, "FEDCARE_FLWR_HOME": str(flwr_home), "FEDCARE_WORKDIR": str(tmp_path / "runs"),
            "FEDCARE_DB": db, "FLWR_TELEMETRY_ENABLED": "0"}
-    started = []
+    started = [link]
     try:
-        link = start_superlink(TlsFiles.from_dir(tmp_path / "tls"), tmp_path / "superlink.db", tmp_path / "logs",
-                               port=port, flwr_home=flwr_home)
-        started.append(link)
-        write_connection(flwr_home, f"127.0.0.1:{port}", tls.ca_cert)
         specs = {}
         for site, data_file in (("cleveland", "processed.cleveland.data"), ("va", "processed.va.data")):
             keys = create_site_keys(site, tmp_path / site / "keys")

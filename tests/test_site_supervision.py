@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.certs import create_site_keys, init_server
+from e2e import tls_superlink
+from fedcare.certs import create_site_keys
 from fedcare.flower import free_port
-from fedcare.server.deploy import (DeploymentError, SiteSpec, TlsFiles, register_site, start_site,
-                                   start_superlink, supervise, wait_joined, write_connection)
+from fedcare.server.deploy import DeploymentError, SiteSpec, register_site, start_site, supervise, wait_joined
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,14 +28,9 @@ def _wait(check, timeout, what):
 
 
 def test_a_dead_executor_is_restarted_and_when_it_cannot_be_the_site_leaves(tmp_path):
-    tls = init_server(tmp_path / "tls", ["localhost"], ["127.0.0.1"])
-    flwr_home, port = tmp_path / "flwr-home", free_port()
-    started = []
+    tls, link, flwr_home, port = tls_superlink(tmp_path)
+    started = [link]
     try:
-        link = start_superlink(TlsFiles.from_dir(tmp_path / "tls"), tmp_path / "superlink.db", tmp_path / "logs",
-                               port=port, flwr_home=flwr_home)
-        started.append(link)
-        write_connection(flwr_home, f"127.0.0.1:{port}", tls.ca_cert)
         keys = create_site_keys("va", tmp_path / "va" / "keys")
         register_site(Path(f"{keys.private_key}.pub"), flwr_home)
         data = tmp_path / "va" / "data"
