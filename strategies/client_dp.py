@@ -29,12 +29,13 @@ from fedcare.accounting import epsilon_of, noise_for_epsilon
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, PrivacyError
 
+from .rules import MEAN_STRATEGIES
+
 if TYPE_CHECKING:   # types only: aggregate.py composes this module's functions
     from .aggregate import Aggregate, ServerState
 
 State = Mapping[str, np.ndarray]
 
-MEAN_STRATEGIES = ("fedavg", "fedprox")
 MEAN_LORA_MODES = ("naive", "ffa")
 
 

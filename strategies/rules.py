@@ -22,6 +22,10 @@ import numpy as np
 
 State = Mapping[str, np.ndarray]
 
+# strategy names whose whole server rule is the weighted mean of the updates (no server
+# step): what client-level DP's noise and secure aggregation's sum can stand in for
+MEAN_STRATEGIES = ("fedavg", "fedprox")
+
 
 @dataclass(frozen=True)
 class Batch:

@@ -18,13 +18,13 @@ import numpy as np
 from fedcare import secagg as SA
 from fedcare.errors import ConfigError
 
+from .rules import MEAN_STRATEGIES
+
 
 class SecAggFailed(Exception):
     """The round cannot be unmasked (too few shares); the global model stays as it was."""
 
 
-# strategy names whose server rule is FedAvg's weighted mean
-MEAN_RULES = ("fedavg", "fedprox")
 NEED_INDIVIDUAL = {
     "krum": "Krum picks the most central single update",
     "fedmedian": "FedMedian takes a coordinate-wise median of the updates",
@@ -41,7 +41,7 @@ def check_secagg_config(cfg, n_sites: int, dim: int = 1) -> None:
     if not cfg.secagg.enabled:
         return
     name = cfg.strategy.name
-    if name not in MEAN_RULES:
+    if name not in MEAN_STRATEGIES:
         why = NEED_INDIVIDUAL.get(name, "it is not a weighted mean")
         raise ConfigError(f"secagg.enabled needs strategy fedavg or fedprox: {why}, which the "
                           "coordinator cannot compute from the sum alone")
@@ -100,7 +100,6 @@ class Coordinator:
 
     def unmask(self, revealed: dict[int, dict[str, dict[int, bytes]]]) -> np.ndarray:
         """The sum of the survivors' inputs (uint32) from the shares the survivors revealed."""
-        p = self.params
         size = next(iter(self.masked.values())).size
         total = np.zeros(size, dtype=np.uint32)
         for y in self.masked.values():
