@@ -109,10 +109,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = to_array_record(shared)
     _audit(site, policy, rnd, "train", _digest(shared), state_nbytes(shared), outcome.privacy, "sent", "")
     _remember(site, policy, rnd, None)
-    records = {S.ARRAYS: arrays, S.METRICS: metrics, S.SITE: ConfigRecord(info)}
-    if evaluation is not None:
-        records[S.EVALUATION] = ConfigRecord(evaluation)
-    return Message(RecordDict(records), reply_to=msg)
+    return _reply(msg, {S.ARRAYS: arrays}, metrics, info, evaluation)
 
 
 @app.evaluate()
@@ -124,9 +121,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     try:
         split = _own_split(site, policy)
         _admit(site, policy, len(split.train))
-    except FedcareError as err:
-        return _refuse(msg, site, policy, rnd, "evaluate", err)
-    try:
         metrics, fields = _evaluation(site, policy, site.model(), split, msg, context, rnd)
     except FedcareError as err:
         return _refuse(msg, site, policy, rnd, "evaluate", err)
